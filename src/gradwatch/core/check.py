@@ -1,0 +1,472 @@
+"""The framework-free check engine: from a :class:`Problem` to a :class:`~gradwatch.CheckReport`.
+
+An adapter (torch, Keras) exposes the model as a :class:`Problem`: named tensors, their values and
+autodiff gradients as numpy arrays, and a function that evaluates the loss at a batch of perturbed
+parameter values (each evaluation leaves the model as it found it). This module decides which
+entries to look at, how far to step, and what the numbers mean.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from gradwatch.core import finite_diff as fd
+from gradwatch.core.sampling import random_direction, sample_coordinates, sample_index
+from gradwatch.report import CheckReport, EntryResult, GradientEvent, Status, Verdict
+
+__all__ = [
+    "MODES",
+    "Perturbation",
+    "Problem",
+    "nonfinite_report",
+    "run_check",
+]
+
+MODES: tuple[str, ...] = ("coordinate", "directional")
+#: Rounds of resampling after kinks (each kink gets at most this many replacements in its tensor).
+MAX_RESAMPLE_ROUNDS = 3
+#: Below this share of conclusive ("ok") entries a check that found no failure is "inconclusive".
+MIN_CONCLUSIVE_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """Set tensor ``tensor`` (at ``index``, or whole when ``index is None``) to ``value``.
+
+    ``value`` is already rounded to the dtype the model holds, so the adapter writes it as it is.
+    """
+
+    tensor: int
+    index: tuple[int, ...] | None
+    value: npt.NDArray[np.floating]
+
+
+class Problem(Protocol):
+    """What the engine needs from a framework adapter."""
+
+    @property
+    def names(self) -> Sequence[str]:
+        """Tensor names, in model order."""
+        ...
+
+    @property
+    def shapes(self) -> Sequence[tuple[int, ...]]:
+        """Tensor shapes."""
+        ...
+
+    @property
+    def dtype(self) -> np.dtype[np.floating]:
+        """The dtype the check computes in (parameters are held in it)."""
+        ...
+
+    @property
+    def base_loss(self) -> float:
+        """Loss at the unperturbed parameters."""
+        ...
+
+    def values(self, tensor: int) -> npt.NDArray[np.floating]:
+        """Current values of a tensor (host copy)."""
+        ...
+
+    def gradient(self, tensor: int) -> npt.NDArray[np.floating] | None:
+        """Autodiff gradient of a tensor (dense host copy); ``None`` when there is no autograd path."""
+        ...
+
+    def losses(self, perturbations: Sequence[Perturbation]) -> npt.NDArray[np.float64]:
+        """Loss at each perturbation, applied one at a time; the model is restored after each."""
+        ...
+
+
+@dataclass
+class _Entry:
+    tensor: int
+    index: tuple[int, ...] | None
+    direction: npt.NDArray[np.float64] | None = None
+    analytic: float = 0.0
+    numeric: float = 0.0
+    floor: float = 0.0
+    zero_level: float = 0.0
+    rel: float | None = None
+    status: Status = "ok"
+    candidate: bool = False
+    replaced: bool = False
+
+
+@dataclass
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]
+    grad: npt.NDArray[np.floating] | None
+    values: npt.NDArray[np.floating] | None = None
+    rms: float = 0.0
+    all_zero: bool = False
+    taken: set[tuple[int, ...]] = field(default_factory=set)
+
+
+def nonfinite_report(
+    *,
+    step: int | None,
+    mode: str,
+    dtype: str,
+    rtol: float,
+    what: str,
+    evaluations: int,
+    seconds: float,
+    notes: Sequence[str] = (),
+) -> CheckReport:
+    """An inconclusive report carrying one ``nonfinite`` event (the loss or a gradient is NaN/inf).
+
+    Example:
+        >>> r = nonfinite_report(step=None, mode="coordinate", dtype="float64", rtol=1e-3,
+        ...                      what="the loss is nan", evaluations=1, seconds=0.0)
+        >>> r.verdict, r.events[0].kind
+        ('inconclusive', 'nonfinite')
+    """
+    event = GradientEvent(
+        step=-1 if step is None else step,
+        kind="nonfinite",
+        param="global",
+        value=float("nan"),
+        threshold=float("inf"),
+        message=f"{what}; no gradient check is possible until the values are finite.",
+    )
+    return CheckReport(
+        step=step,
+        verdict="inconclusive",
+        max_rel_error=None,
+        results=(),
+        events=(event,),
+        mode=mode,
+        dtype=dtype,
+        rtol=rtol,
+        evaluations=evaluations,
+        seconds=seconds,
+        notes=tuple(notes),
+    )
+
+
+def run_check(
+    problem: Problem,
+    *,
+    tensors: Sequence[int] | None = None,
+    num_params: int = 32,
+    mode: Literal["coordinate", "directional"] | str = "coordinate",
+    rng: np.random.Generator,
+    rtol: float | None = None,
+    eps: float | None = None,
+    step: int | None = None,
+    notes: Sequence[str] = (),
+    started: float | None = None,
+) -> CheckReport:
+    """Check the autodiff gradients of ``problem`` against central finite differences.
+
+    Args:
+        problem: The adapter's view of the model.
+        tensors: Indices of the tensors to check (default: all). Each gets at least one entry.
+        num_params: Coordinates in all (``coordinate`` mode), spread by tensor size.
+        mode: ``"coordinate"`` or ``"directional"`` (one random unit direction per tensor).
+        rng: Private generator for sampling (the user's RNG streams are never touched).
+        rtol: Tolerance; ``None`` for the dtype's default (:func:`~gradwatch.core.finite_diff.tolerances_for`).
+        eps: Base step replacing ``cbrt(eps_machine)``.
+        step: Optimizer step recorded in the report and its events.
+        notes: Remarks carried into the report.
+        started: ``time.perf_counter()`` when the check began (for ``seconds``), default now.
+
+    Returns:
+        The report. Entries whose estimates at ``h`` and ``h/2`` disagree are kinks and are replaced
+        by fresh samples of the same tensor, at most :data:`MAX_RESAMPLE_ROUNDS` times.
+    """
+    t0 = time.perf_counter() if started is None else started
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    dtype = np.dtype(problem.dtype)
+    tol = fd.tolerances_for(dtype, rtol)
+    chosen = list(range(len(problem.names))) if tensors is None else list(tensors)
+    evaluations = 1
+    base = float(problem.base_loss)
+    if not np.isfinite(base):
+        return nonfinite_report(
+            step=step, mode=mode, dtype=str(dtype), rtol=tol.rtol, what=f"the loss is {base}",
+            evaluations=evaluations, seconds=time.perf_counter() - t0, notes=notes,
+        )
+    info: dict[int, _Tensor] = {}
+    for t in chosen:
+        g = problem.gradient(t)
+        if g is not None and not np.all(np.isfinite(g)):
+            return nonfinite_report(
+                step=step, mode=mode, dtype=str(dtype), rtol=tol.rtol,
+                what=f"the gradient of {problem.names[t]} is not finite",
+                evaluations=evaluations, seconds=time.perf_counter() - t0, notes=notes,
+            )
+        rec = _Tensor(name=problem.names[t], shape=tuple(problem.shapes[t]), grad=g)
+        if g is not None and g.size:
+            rec.rms = float(np.sqrt(np.mean(np.square(g, dtype=np.float64))))
+        rec.all_zero = g is None or not np.any(g)
+        info[t] = rec
+
+    rng_local = rng
+    entries: list[_Entry] = []
+    if mode == "coordinate":
+        picks = sample_coordinates([info[t].shape for t in chosen], num_params, rng_local)
+        for t, idxs in zip(chosen, picks, strict=True):
+            for idx in idxs:
+                info[t].taken.add(idx)
+                entries.append(_Entry(tensor=t, index=idx))
+    else:
+        for t in chosen:
+            entries.append(_Entry(tensor=t, index=None, direction=random_direction(info[t].shape, rng_local)))
+
+    done: list[_Entry] = []
+    pending = entries
+    for round_no in range(MAX_RESAMPLE_ROUNDS + 1):
+        if not pending:
+            break
+        evaluations += _measure(problem, info, pending, base, dtype, tol, eps)
+        suspects = [e for e in pending if e.candidate]
+        if suspects and not tol.aggregate:
+            evaluations += _confirm(problem, info, suspects, base, dtype, tol, eps)
+        done.extend(pending)
+        if round_no == MAX_RESAMPLE_ROUNDS:
+            break
+        pending = []
+        for e in done:
+            if e.status == "kink" and not e.replaced:
+                e.replaced = True
+                rec = info[e.tensor]
+                if mode == "coordinate":
+                    idx = sample_index(rec.shape, rng_local, rec.taken)
+                    if idx is not None:
+                        rec.taken.add(idx)
+                        pending.append(_Entry(tensor=e.tensor, index=idx))
+                else:
+                    pending.append(
+                        _Entry(tensor=e.tensor, index=None, direction=random_direction(rec.shape, rng_local))
+                    )
+
+    if tol.aggregate:
+        _judge_aggregate(info, done, tol)
+    return _report(problem, info, done, tol, dtype, mode, step, evaluations, t0, notes)
+
+
+def _plan(
+    problem: Problem,
+    info: dict[int, _Tensor],
+    e: _Entry,
+    dtype: np.dtype[np.floating],
+    eps: float | None,
+    scale: float,
+) -> tuple[Perturbation, Perturbation, float, float]:
+    """Perturbations ``±h·scale`` for an entry, the step really taken, and the analytic value."""
+    rec = info[e.tensor]
+    if rec.values is None:
+        rec.values = np.asarray(problem.values(e.tensor))
+    if e.index is not None:
+        theta = float(rec.values[e.index])
+        h = fd.step_size(theta, dtype, eps) * scale
+        plus, minus = fd.perturbed_values(theta, h, dtype)
+        taken = float(plus.astype(np.float64) - minus.astype(np.float64))
+        analytic = 0.0 if rec.grad is None else float(rec.grad[e.index])
+        return (
+            Perturbation(e.tensor, e.index, plus),
+            Perturbation(e.tensor, e.index, minus),
+            taken,
+            analytic,
+        )
+    assert e.direction is not None
+    theta_arr = rec.values
+    biggest = float(np.max(np.abs(theta_arr))) if theta_arr.size else 0.0
+    h = fd.step_size(biggest, dtype, eps) * scale
+    plus, minus = fd.perturbed_values(theta_arr, h * e.direction, dtype)
+    moved = plus.astype(np.float64) - minus.astype(np.float64)
+    taken = float(np.linalg.norm(moved))
+    analytic = 0.0
+    if rec.grad is not None and taken > 0:
+        analytic = float(np.dot(rec.grad.astype(np.float64).ravel(), moved.ravel()) / taken)
+    return Perturbation(e.tensor, None, plus), Perturbation(e.tensor, None, minus), taken, analytic
+
+
+def _measure(
+    problem: Problem,
+    info: dict[int, _Tensor],
+    entries: list[_Entry],
+    base: float,
+    dtype: np.dtype[np.floating],
+    tol: fd.Tolerances,
+    eps: float | None,
+) -> int:
+    perts: list[Perturbation] = []
+    meta: list[tuple[float, float]] = []
+    for e in entries:
+        p, m, taken, analytic = _plan(problem, info, e, dtype, eps, 1.0)
+        perts += [p, m]
+        meta.append((taken, analytic))
+    losses = np.asarray(problem.losses(perts), dtype=np.float64)
+    for k, e in enumerate(entries):
+        taken, analytic = meta[k]
+        lp, lm = float(losses[2 * k]), float(losses[2 * k + 1])
+        rec = info[e.tensor]
+        e.analytic = analytic
+        if not (np.isfinite(lp) and np.isfinite(lm)) or taken == 0.0:
+            # Undefined difference quotient (loss not finite nearby, or a step lost to rounding).
+            e.numeric, e.status, e.rel = float("nan"), "kink", None
+            continue
+        e.numeric = fd.central_difference(lp, lm, taken)
+        res = fd.resolution_floor([lp, lm, base], taken, dtype)
+        e.zero_level = fd.ZERO_FACTOR * res
+        # Floor: a fraction of the tensor's gradient scale, and never below what rounding noise
+        # alone can produce relative to rtol (an absolute tolerance of ZERO_FACTOR resolutions).
+        e.floor = max(fd.FLOOR_FRACTION * rec.rms, e.zero_level / tol.rtol)
+        if abs(e.analytic) <= e.zero_level and abs(e.numeric) <= e.zero_level:
+            e.status, e.rel = "zero", None
+            continue
+        if rec.grad is None:
+            e.status, e.rel = "disconnected", 1.0
+            continue
+        e.rel = fd.relative_error(e.analytic, e.numeric, e.floor)
+        e.status = "ok"
+        e.candidate = e.rel > tol.rtol
+    return len(perts)
+
+
+def _confirm(
+    problem: Problem,
+    info: dict[int, _Tensor],
+    entries: list[_Entry],
+    base: float,
+    dtype: np.dtype[np.floating],
+    tol: fd.Tolerances,
+    eps: float | None,
+) -> int:
+    """Recompute suspects at ``h/2``: disagreement means a kink, agreement a real mismatch."""
+    perts: list[Perturbation] = []
+    takens: list[float] = []
+    for e in entries:
+        p, m, taken, _ = _plan(problem, info, e, dtype, eps, 0.5)
+        perts += [p, m]
+        takens.append(taken)
+    losses = np.asarray(problem.losses(perts), dtype=np.float64)
+    for k, e in enumerate(entries):
+        lp, lm = float(losses[2 * k]), float(losses[2 * k + 1])
+        if takens[k] == 0.0 or not (np.isfinite(lp) and np.isfinite(lm)):
+            e.status, e.rel = "kink", None
+            continue
+        half = fd.central_difference(lp, lm, takens[k])
+        if fd.is_kink(e.numeric, half, e.floor, tol.kink_tol):
+            e.status, e.rel = "kink", None
+        else:
+            e.status = "disconnected" if info[e.tensor].all_zero else "mismatch"
+    return len(perts)
+
+
+def _judge_aggregate(info: dict[int, _Tensor], entries: list[_Entry], tol: fd.Tolerances) -> None:
+    """Low precision: a tensor fails only when its aggregate error exceeds ``rtol``."""
+    for t, rec in info.items():
+        mine = [e for e in entries if e.tensor == t and e.status == "ok"]
+        if not mine:
+            continue
+        num = sum(abs(e.analytic - e.numeric) for e in mine)
+        den = sum(max(abs(e.analytic), abs(e.numeric), e.floor) for e in mine)
+        aggregate = num / den if den > 0 else 0.0
+        if aggregate > tol.rtol:
+            for e in mine:
+                if e.rel is not None and e.rel > tol.rtol:
+                    e.status = "disconnected" if rec.all_zero else "mismatch"
+
+
+def _report(
+    problem: Problem,
+    info: dict[int, _Tensor],
+    entries: list[_Entry],
+    tol: fd.Tolerances,
+    dtype: np.dtype[np.floating],
+    mode: str,
+    step: int | None,
+    evaluations: int,
+    t0: float,
+    notes: Sequence[str],
+) -> CheckReport:
+    results = tuple(
+        EntryResult(
+            param=info[e.tensor].name,
+            index=e.index,
+            analytic=float(e.analytic),
+            numeric=float(e.numeric),
+            rel_error=None if e.status in ("kink", "zero") else e.rel,
+            status=e.status,
+        )
+        for e in entries
+    )
+    events: list[GradientEvent] = []
+    for t, rec in info.items():
+        bad = [e for e in entries if e.tensor == t and e.status in ("mismatch", "disconnected")]
+        if not bad:
+            continue
+        worst = max(bad, key=lambda e: e.rel if e.rel is not None else 0.0)
+        where = "along a random direction" if worst.index is None else f"at {list(worst.index)}"
+        if any(e.status == "disconnected" for e in bad):
+            got = "no gradient" if rec.grad is None else "a gradient of exactly zero"
+            events.append(
+                GradientEvent(
+                    step=-1 if step is None else step,
+                    kind="disconnected",
+                    param=rec.name,
+                    value=float(worst.rel if worst.rel is not None else 1.0),
+                    threshold=tol.rtol,
+                    message=(
+                        f"autodiff gives {rec.name} {got}, but the loss changes with it "
+                        f"(finite difference {worst.numeric:.4g} {where}): a .detach(), .item(), "
+                        f".data or a non-differentiable operation cuts it out of the graph"
+                    ),
+                )
+            )
+        else:
+            events.append(
+                GradientEvent(
+                    step=-1 if step is None else step,
+                    kind="mismatch",
+                    param=rec.name,
+                    value=float(worst.rel if worst.rel is not None else float("nan")),
+                    threshold=tol.rtol,
+                    message=(
+                        f"autodiff gives {worst.analytic:.6g} for {rec.name} {where} but finite "
+                        f"differences give {worst.numeric:.6g} (relative error {worst.rel:.3g} > "
+                        f"{tol.rtol:g}); check the backward of the operation that uses it"
+                    ),
+                )
+            )
+    conclusive = [e.rel for e in entries if e.status == "ok" and e.rel is not None]
+    failing = [e.rel for e in entries if e.status in ("mismatch", "disconnected") and e.rel is not None]
+    judged = conclusive + failing
+    max_rel = max(judged) if judged else None
+    verdict: Verdict
+    if events:
+        verdict = "fail"
+    elif not conclusive or len(conclusive) < MIN_CONCLUSIVE_FRACTION * len(entries):
+        verdict = "inconclusive"
+    else:
+        verdict = "pass"
+    extra = list(notes)
+    if tol.aggregate:
+        extra.append(
+            f"checked in {dtype}: each tensor is judged by its aggregate error, and bugs smaller "
+            f"than about {tol.rtol:.0%} of a gradient are invisible; use dtype='float64'"
+        )
+    return CheckReport(
+        step=step,
+        verdict=verdict,
+        max_rel_error=max_rel,
+        results=results,
+        events=tuple(events),
+        mode=mode,
+        dtype=str(dtype),
+        rtol=tol.rtol,
+        evaluations=evaluations,
+        seconds=time.perf_counter() - t0,
+        notes=tuple(extra),
+    )

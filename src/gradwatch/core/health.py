@@ -1,0 +1,229 @@
+"""Health rules on gradient-norm streams: vanishing, exploding, non-finite — as episodes.
+
+Every rule compares the RMS of a tensor's gradient, ``‖g‖₂ / √numel``, so thresholds do not depend
+on layer size. An event is emitted when a condition starts (after ``patience`` observations for
+vanishing) and not again for that tensor until the condition has cleared.
+
+Defaults and their reasons:
+
+* ``vanish_threshold = 1e-7``: DeepDiagnosis flags mean ``|g| < 1e-7``; the RMS is at least the
+  mean absolute value, so this is at least as conservative.
+* ``vanish_ratio = 1e-3`` below ``vanish_ceiling = 1e-4``: AUTOTRAINER's rule — a weight whose
+  gradient is a thousandth of the layer nearest the loss, and small in absolute terms, is not
+  learning. Measured here: a 14-layer sigmoid MLP's first layers sit at ratios of 1e-6 to 1e-8.
+* ``explode_threshold = 1e3``: an RMS gradient of a thousand per element is far beyond any healthy
+  run measured here (1e-5 to 1e-1); AUTOTRAINER uses a loss of 1e5 as its absolute anchor.
+* ``jump_factor = 1e3`` over the median of the tensor's last ``window`` observations (after
+  ``min_history``): a sudden blow-up relative to the tensor's own history, well above the 10-100×
+  swings of loss spikes in healthy runs.
+* ``patience = 3`` observations for vanishing: a single tiny gradient is noise, three in a row is not.
+
+Biases and other 1-D tensors that belong to a layer with a weight are judged through that weight:
+a conv bias right before BatchNorm has a true gradient of zero and is not "vanishing". A tensor
+whose gradient is exactly zero from its first observation is structurally zero and exempt.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gradwatch.report import GradientEvent
+
+__all__ = ["HealthMonitor", "HealthThresholds", "layer_prefix"]
+
+
+@dataclass(frozen=True)
+class HealthThresholds:
+    """Thresholds of the health rules (see the module docstring for each default's reason).
+
+    Example:
+        >>> HealthThresholds(patience=5).patience
+        5
+    """
+
+    vanish_threshold: float = 1e-7
+    vanish_ratio: float = 1e-3
+    vanish_ceiling: float = 1e-4
+    explode_threshold: float = 1e3
+    jump_factor: float = 1e3
+    window: int = 20
+    min_history: int = 10
+    patience: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("vanish_threshold", "vanish_ratio", "vanish_ceiling", "explode_threshold",
+                     "jump_factor"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("window", "min_history", "patience"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def layer_prefix(name: str) -> str:
+    """The layer part of a parameter name: ``"fc1.bias"`` → ``"fc1"``, ``"seq/dense/bias"`` → ``"seq/dense"``.
+
+    Example:
+        >>> layer_prefix("net.0.weight"), layer_prefix("model/dense_1/kernel"), layer_prefix("w")
+        ('net.0', 'model/dense_1', '')
+    """
+    cut = max(name.rfind("."), name.rfind("/"))
+    return name[:cut] if cut > 0 else ""
+
+
+class HealthMonitor:
+    """Turns per-tensor gradient RMS values into :class:`~gradwatch.GradientEvent` episodes.
+
+    Args:
+        shapes: Tensor name → shape, in model order (the last weight is "nearest the loss").
+        thresholds: Rule thresholds.
+
+    Example:
+        >>> mon = HealthMonitor({"fc.weight": (2, 2), "fc.bias": (2,)}, HealthThresholds(patience=1))
+        >>> [e.kind for e in mon.observe(1, {"fc.weight": float("nan"), "fc.bias": 1.0})]
+        ['nonfinite']
+        >>> mon.observe(2, {"fc.weight": float("nan"), "fc.bias": 1.0})   # same episode
+        []
+    """
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], thresholds: HealthThresholds) -> None:
+        self.thresholds = thresholds
+        self.order = list(shapes)
+        weights = [n for n, s in shapes.items() if len(s) >= 2]
+        weight_layers = {layer_prefix(n) for n in weights}
+        self.weights = set(weights)
+        self.followers = {
+            n for n, s in shapes.items()
+            if len(s) < 2 and layer_prefix(n) in weight_layers and layer_prefix(n) != ""
+        }
+        self.reference = weights[-1] if weights else None
+        self._history: dict[str, deque[float]] = {}
+        self._count: dict[str, int] = {}
+        self._active: set[str] = set()
+        self._structural: set[str] = set()
+        self._seen: set[str] = set()
+
+    # -- conditions ------------------------------------------------------------------------
+    def _vanishing(self, name: str, rms: float, ref: float | None) -> float | None:
+        """Threshold crossed when ``name`` is vanishing now, else ``None``."""
+        th = self.thresholds
+        if name in self.followers or name in self._structural:
+            return None
+        if rms < th.vanish_threshold:
+            return th.vanish_threshold
+        if (
+            name in self.weights
+            and name != self.reference
+            and ref is not None
+            and ref > 0
+            and rms < th.vanish_ceiling
+            and rms < th.vanish_ratio * ref
+        ):
+            return th.vanish_ratio * ref
+        return None
+
+    def _exploding(self, name: str, rms: float) -> float | None:
+        th = self.thresholds
+        if rms > th.explode_threshold:
+            return th.explode_threshold
+        hist = self._history.get(name)
+        if hist is not None and len(hist) >= th.min_history:
+            med = sorted(hist)[len(hist) // 2]
+            if med > 0 and rms > th.jump_factor * med:
+                return th.jump_factor * med
+        return None
+
+    # -- episodes --------------------------------------------------------------------------
+    def _episode(self, key: str, on: bool, patience: int) -> bool:
+        """Advance one condition; True exactly when an episode starts now."""
+        if not on:
+            self._count.pop(key, None)
+            self._active.discard(key)
+            return False
+        self._count[key] = self._count.get(key, 0) + 1
+        if key not in self._active and self._count[key] >= patience:
+            self._active.add(key)
+            return True
+        return False
+
+    def observe(self, step: int, rms: Mapping[str, float]) -> list[GradientEvent]:
+        """Feed one observation (tensor name → gradient RMS); returns the events that start now."""
+        th = self.thresholds
+        events: list[GradientEvent] = []
+        bad = [n for n, v in rms.items() if not math.isfinite(v)]
+        if self._episode("nonfinite:global", bool(bad), 1):
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            events.append(GradientEvent(
+                step=step, kind="nonfinite", param="global", value=float(len(bad)), threshold=0.0,
+                message=(
+                    f"gradients of {len(bad)} tensor(s) are NaN or inf ({shown}): lower the "
+                    f"learning rate, guard the loss against log(0) or division by zero, or clip "
+                    f"gradients"
+                ),
+            ))
+        ref = rms.get(self.reference) if self.reference is not None else None
+        if ref is not None and not math.isfinite(ref):
+            ref = None
+        for name, value in rms.items():
+            if not math.isfinite(value):
+                continue
+            if name not in self._seen:
+                self._seen.add(name)
+                if value == 0.0:
+                    self._structural.add(name)
+            elif name in self._structural and value != 0.0:
+                self._structural.discard(name)
+            crossed = self._vanishing(name, value, ref)
+            if self._episode(f"vanishing:{name}", crossed is not None, th.patience):
+                assert crossed is not None
+                rel = f", {value / ref:.2g}× that of {self.reference}," if ref else ""
+                events.append(GradientEvent(
+                    step=step, kind="vanishing", param=name, value=value, threshold=crossed,
+                    message=(
+                        f"the gradient of {name} has RMS {value:.3g}{rel} below {crossed:.3g} for "
+                        f"{th.patience} observations, so it barely learns: try a ReLU-family "
+                        f"activation, normalisation, residual connections or another initialisation"
+                    ),
+                ))
+            crossed = self._exploding(name, value)
+            if self._episode(f"exploding:{name}", crossed is not None, 1):
+                assert crossed is not None
+                events.append(GradientEvent(
+                    step=step, kind="exploding", param=name, value=value, threshold=crossed,
+                    message=(
+                        f"the gradient of {name} has RMS {value:.3g}, above {crossed:.3g}: lower "
+                        f"the learning rate, clip gradients or check the initialisation"
+                    ),
+                ))
+            hist = self._history.setdefault(name, deque(maxlen=th.window))
+            hist.append(value)
+        return events
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready state (patience counters, open episodes, recent history)."""
+        return {
+            "history": {k: list(v) for k, v in self._history.items()},
+            "count": dict(self._count),
+            "active": sorted(self._active),
+            "structural": sorted(self._structural),
+            "seen": sorted(self._seen),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self._history = {
+            k: deque((float(x) for x in v), maxlen=self.thresholds.window)
+            for k, v in state.get("history", {}).items()
+        }
+        self._count = {str(k): int(v) for k, v in state.get("count", {}).items()}
+        self._active = set(state.get("active", ()))
+        self._structural = set(state.get("structural", ()))
+        self._seen = set(state.get("seen", ()))

@@ -1,0 +1,102 @@
+"""What to do about an event: ``ignore``, ``warn``, ``halt`` or ``raise``.
+
+The callbacks collect a step's events, call :func:`dispatch`, and act on the returned
+:class:`Action` through their framework (``halt`` → stop after this step; ``raise`` → flush the
+writers, then raise the error it carries).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from gradwatch.errors import GradientCheckError, GradientHealthWarning
+from gradwatch.report import CheckReport, GradientEvent
+
+__all__ = ["POLICIES", "Action", "dispatch", "policy_for", "validate_policy"]
+
+logger = logging.getLogger("gradwatch")
+
+Policy = Literal["ignore", "warn", "halt", "raise"]
+POLICIES: tuple[str, ...] = ("ignore", "warn", "halt", "raise")
+
+
+def validate_policy(argument: str, value: object) -> Policy:
+    """Return ``value`` if it is a policy, else raise ``ValueError`` naming ``argument``.
+
+    Example:
+        >>> validate_policy("on_vanish", "halt")
+        'halt'
+        >>> validate_policy("on_vanish", "stop")
+        Traceback (most recent call last):
+        ...
+        ValueError: on_vanish must be one of 'ignore', 'warn', 'halt', 'raise'; got 'stop'
+    """
+    if value not in POLICIES:
+        allowed = ", ".join(repr(p) for p in POLICIES)
+        raise ValueError(f"{argument} must be one of {allowed}; got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def policy_for(event: GradientEvent, policies: Mapping[str, Policy]) -> Policy:
+    """The policy governing an event; ``on_mismatch`` governs ``mismatch`` and ``disconnected``.
+
+    Example:
+        >>> e = GradientEvent(1, "disconnected", "w", 1.0, 1e-3, "cut")
+        >>> policy_for(e, {"on_mismatch": "raise"})
+        'raise'
+    """
+    key = {
+        "mismatch": "on_mismatch",
+        "disconnected": "on_mismatch",
+        "vanishing": "on_vanish",
+        "exploding": "on_explode",
+        "nonfinite": "on_nonfinite",
+    }[event.kind]
+    return policies.get(key, "warn")
+
+
+@dataclass(frozen=True)
+class Action:
+    """The strongest action a set of events calls for.
+
+    Attributes:
+        halt: Stop training cleanly after the current step.
+        error: Raise this (after flushing writers); ``None`` when nothing asks to raise.
+    """
+
+    halt: bool = False
+    error: GradientCheckError | None = None
+
+
+def dispatch(
+    events: Iterable[GradientEvent],
+    policies: Mapping[str, Policy],
+    report: CheckReport | None = None,
+) -> Action:
+    """Log every event, warn where the policy says so, and return the action to take.
+
+    Example:
+        >>> e = GradientEvent(4, "exploding", "fc.weight", 5e3, 1e3, "too big")
+        >>> dispatch([e], {"on_explode": "halt"}).halt
+        True
+    """
+    halt = False
+    error: GradientCheckError | None = None
+    for event in events:
+        policy = policy_for(event, policies)
+        text = f"gradwatch: step {event.step}: {event.kind} in {event.param}: {event.message}"
+        if policy == "ignore":
+            logger.info(text)
+            continue
+        logger.warning(text)
+        if policy == "warn":
+            warnings.warn(text, GradientHealthWarning, stacklevel=3)
+        elif policy == "halt":
+            halt = True
+        elif policy == "raise" and error is None:
+            error = GradientCheckError(text, report=report, event=event)
+    return Action(halt=halt, error=error)
