@@ -51,9 +51,7 @@ class Swish(nn.Module):
 
 def make_model(fn: type[torch.autograd.Function]) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(64, 32), Swish(fn), nn.Dropout(0.1), nn.Linear(32, 10)
-    )
+    return nn.Sequential(nn.Linear(64, 32), Swish(fn), nn.Dropout(0.1), nn.Linear(32, 10))
 
 
 def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

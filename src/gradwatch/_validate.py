@@ -89,11 +89,15 @@ def compile_patterns(argument: str, value: str | Sequence[str] | None) -> list[r
         try:
             patterns.append(re.compile(item))
         except re.error as exc:
-            raise ValueError(f"{argument} has an invalid regular expression {item!r}: {exc}") from exc
+            raise ValueError(
+                f"{argument} has an invalid regular expression {item!r}: {exc}"
+            ) from exc
     return patterns
 
 
-def selected(name: str, include: Sequence[re.Pattern[str]], exclude: Sequence[re.Pattern[str]]) -> bool:
+def selected(
+    name: str, include: Sequence[re.Pattern[str]], exclude: Sequence[re.Pattern[str]]
+) -> bool:
     """Whether a parameter name passes ``include`` (any matches, or none given) and ``exclude``."""
     if include and not any(p.search(name) for p in include):
         return False

@@ -157,9 +157,7 @@ class _Evaluator:
         self.seed = seed
         self.torch_dtype = dtype
         self.np_dtype = np.dtype(_np_dtype(dtype))
-        self.devices = sorted(
-            {p.device.index or 0 for p in params if p.device.type == "cuda"}
-        )
+        self.devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
         self.buffers = [(b, b.detach().clone()) for b in module.buffers()]
         self._base: float = float("nan")
         self._grads: list[torch.Tensor | None] = []
@@ -256,7 +254,7 @@ class _Evaluator:
                 if loss.requires_grad:
                     grads = torch.autograd.grad(loss, self.params, allow_unused=True)
                 else:
-                    grads = tuple(None for _ in self.params)
+                    grads = tuple(None for _ in self.params)  # type: ignore[misc]
         finally:
             self.restore_buffers()
         self._grads = [
@@ -293,7 +291,7 @@ class _Twin:
         else:
             try:
                 twin = copy.deepcopy(model)
-            except Exception as exc:  # noqa: BLE001 - any copy failure means "check in place"
+            except Exception as exc:
                 self.module, self.in_place = model, True
                 self.notes.append(
                     f"the model could not be copied ({type(exc).__name__}: {exc}); it was "
@@ -323,8 +321,10 @@ class _Twin:
             with torch.no_grad():
                 for dst, src in zip(self.module.parameters(), self.model.parameters(), strict=True):
                     dst.copy_(src)
-                for dst, src in zip(self.module.buffers(), self.model.buffers(), strict=True):
-                    dst.copy_(src)
+                for dst_buf, src_buf in zip(
+                    self.module.buffers(), self.model.buffers(), strict=True
+                ):
+                    dst_buf.copy_(src_buf)
             yield self.module
             return
         needs_cast = any(
@@ -339,17 +339,23 @@ class _Twin:
                     for p, s in zip(self.model.parameters(), saved, strict=True):
                         p.copy_(s)
             return
-        # In place with a dtype change: keep the original tensor objects and put them back.
+        # In place with a dtype change: swap in converted data, keep the original tensors (and
+        # leave .grad alone), and put the originals back.
         mods = list(self.model.modules())
-        params = [(m, k, t, t.data, t.grad) for m in mods for k, t in m._parameters.items() if t is not None]
+        params = [p for m in mods for p in m._parameters.values() if p is not None]
+        originals = [p.data for p in params]
         buffers = [(m, k, t) for m in mods for k, t in m._buffers.items() if t is not None]
         try:
-            self.model.to(device=self.device, dtype=self.dtype)
+            for p in params:
+                if p.is_floating_point():
+                    p.data = p.data.to(device=self.device, dtype=self.dtype)
+            for m, k, t in buffers:
+                if t.is_floating_point():
+                    m._buffers[k] = t.to(device=self.device, dtype=self.dtype)
             yield self.model
         finally:
-            for _, _, p, data, grad in params:
+            for p, data in zip(params, originals, strict=True):
                 p.data = data
-                p.grad = grad
             for m, k, t in buffers:
                 m._buffers[k] = t
 
@@ -357,9 +363,7 @@ class _Twin:
 def _named_trainable(
     model: nn.Module, include: Sequence[Any], exclude: Sequence[Any]
 ) -> list[tuple[str, nn.Parameter]]:
-    trainable = [
-        (clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad
-    ]
+    trainable = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     trainable = [(n, p) for n, p in trainable if p.is_floating_point()]
     if not trainable:
         raise ValueError(
@@ -560,8 +564,16 @@ def check_gradients(
         ('pass', 4)
     """
     checker = TorchChecker(
-        model, loss_fn, num_params=num_params, mode=mode, dtype=dtype, eps=eps, rtol=rtol,
-        seed=seed, include=include, exclude=exclude,
+        model,
+        loss_fn,
+        num_params=num_params,
+        mode=mode,
+        dtype=dtype,
+        eps=eps,
+        rtol=rtol,
+        seed=seed,
+        include=include,
+        exclude=exclude,
     )
     return checker.check(batch)
 

@@ -192,17 +192,28 @@ def run_check(
     base = float(problem.base_loss)
     if not np.isfinite(base):
         return nonfinite_report(
-            step=step, mode=mode, dtype=str(dtype), rtol=tol.rtol, what=f"the loss is {base}",
-            evaluations=evaluations, seconds=time.perf_counter() - t0, notes=notes,
+            step=step,
+            mode=mode,
+            dtype=str(dtype),
+            rtol=tol.rtol,
+            what=f"the loss is {base}",
+            evaluations=evaluations,
+            seconds=time.perf_counter() - t0,
+            notes=notes,
         )
     info: dict[int, _Tensor] = {}
     for t in chosen:
         g = problem.gradient(t)
         if g is not None and not np.all(np.isfinite(g)):
             return nonfinite_report(
-                step=step, mode=mode, dtype=str(dtype), rtol=tol.rtol,
+                step=step,
+                mode=mode,
+                dtype=str(dtype),
+                rtol=tol.rtol,
                 what=f"the gradient of {problem.names[t]} is not finite",
-                evaluations=evaluations, seconds=time.perf_counter() - t0, notes=notes,
+                evaluations=evaluations,
+                seconds=time.perf_counter() - t0,
+                notes=notes,
             )
         rec = _Tensor(name=problem.names[t], shape=tuple(problem.shapes[t]), grad=g)
         if g is not None and g.size:
@@ -220,7 +231,9 @@ def run_check(
                 entries.append(_Entry(tensor=t, index=idx))
     else:
         for t in chosen:
-            entries.append(_Entry(tensor=t, index=None, direction=random_direction(info[t].shape, rng_local)))
+            entries.append(
+                _Entry(tensor=t, index=None, direction=random_direction(info[t].shape, rng_local))
+            )
 
     done: list[_Entry] = []
     pending = entries
@@ -240,13 +253,17 @@ def run_check(
                 e.replaced = True
                 rec = info[e.tensor]
                 if mode == "coordinate":
-                    idx = sample_index(rec.shape, rng_local, rec.taken)
-                    if idx is not None:
-                        rec.taken.add(idx)
-                        pending.append(_Entry(tensor=e.tensor, index=idx))
+                    fresh = sample_index(rec.shape, rng_local, rec.taken)
+                    if fresh is not None:
+                        rec.taken.add(fresh)
+                        pending.append(_Entry(tensor=e.tensor, index=fresh))
                 else:
                     pending.append(
-                        _Entry(tensor=e.tensor, index=None, direction=random_direction(rec.shape, rng_local))
+                        _Entry(
+                            tensor=e.tensor,
+                            index=None,
+                            direction=random_direction(rec.shape, rng_local),
+                        )
                     )
 
     if tol.aggregate:
@@ -441,7 +458,9 @@ def _report(
                 )
             )
     conclusive = [e.rel for e in entries if e.status == "ok" and e.rel is not None]
-    failing = [e.rel for e in entries if e.status in ("mismatch", "disconnected") and e.rel is not None]
+    failing = [
+        e.rel for e in entries if e.status in ("mismatch", "disconnected") and e.rel is not None
+    ]
     judged = conclusive + failing
     max_rel = max(judged) if judged else None
     verdict: Verdict

@@ -152,5 +152,7 @@ def tolerances_for(dtype: npt.DTypeLike, rtol: float | None = None) -> Tolerance
     """
     dt = np.dtype(dtype)
     if dt == np.float64:
-        return Tolerances(rtol=1e-3 if rtol is None else float(rtol), kink_tol=5e-4, aggregate=False)
+        return Tolerances(
+            rtol=1e-3 if rtol is None else float(rtol), kink_tol=5e-4, aggregate=False
+        )
     return Tolerances(rtol=0.25 if rtol is None else float(rtol), kink_tol=0.25, aggregate=True)

@@ -26,7 +26,6 @@ whose gradient is exactly zero from its first observation is structurally zero a
 from __future__ import annotations
 
 import math
-import re
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,8 +55,13 @@ class HealthThresholds:
     patience: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("vanish_threshold", "vanish_ratio", "vanish_ceiling", "explode_threshold",
-                     "jump_factor"):
+        for name in (
+            "vanish_threshold",
+            "vanish_ratio",
+            "vanish_ceiling",
+            "explode_threshold",
+            "jump_factor",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
@@ -100,7 +104,8 @@ class HealthMonitor:
         weight_layers = {layer_prefix(n) for n in weights}
         self.weights = set(weights)
         self.followers = {
-            n for n, s in shapes.items()
+            n
+            for n, s in shapes.items()
             if len(s) < 2 and layer_prefix(n) in weight_layers and layer_prefix(n) != ""
         }
         self.reference = weights[-1] if weights else None
@@ -160,14 +165,20 @@ class HealthMonitor:
         bad = [n for n, v in rms.items() if not math.isfinite(v)]
         if self._episode("nonfinite:global", bool(bad), 1):
             shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-            events.append(GradientEvent(
-                step=step, kind="nonfinite", param="global", value=float(len(bad)), threshold=0.0,
-                message=(
-                    f"gradients of {len(bad)} tensor(s) are NaN or inf ({shown}): lower the "
-                    f"learning rate, guard the loss against log(0) or division by zero, or clip "
-                    f"gradients"
-                ),
-            ))
+            events.append(
+                GradientEvent(
+                    step=step,
+                    kind="nonfinite",
+                    param="global",
+                    value=float(len(bad)),
+                    threshold=0.0,
+                    message=(
+                        f"gradients of {len(bad)} tensor(s) are NaN or inf ({shown}): lower the "
+                        f"learning rate, guard the loss against log(0) or division by zero, or clip "
+                        f"gradients"
+                    ),
+                )
+            )
         ref = rms.get(self.reference) if self.reference is not None else None
         if ref is not None and not math.isfinite(ref):
             ref = None
@@ -184,24 +195,36 @@ class HealthMonitor:
             if self._episode(f"vanishing:{name}", crossed is not None, th.patience):
                 assert crossed is not None
                 rel = f", {value / ref:.2g}× that of {self.reference}," if ref else ""
-                events.append(GradientEvent(
-                    step=step, kind="vanishing", param=name, value=value, threshold=crossed,
-                    message=(
-                        f"the gradient of {name} has RMS {value:.3g}{rel} below {crossed:.3g} for "
-                        f"{th.patience} observations, so it barely learns: try a ReLU-family "
-                        f"activation, normalisation, residual connections or another initialisation"
-                    ),
-                ))
+                events.append(
+                    GradientEvent(
+                        step=step,
+                        kind="vanishing",
+                        param=name,
+                        value=value,
+                        threshold=crossed,
+                        message=(
+                            f"the gradient of {name} has RMS {value:.3g}{rel} below {crossed:.3g} for "
+                            f"{th.patience} observations, so it barely learns: try a ReLU-family "
+                            f"activation, normalisation, residual connections or another initialisation"
+                        ),
+                    )
+                )
             crossed = self._exploding(name, value)
             if self._episode(f"exploding:{name}", crossed is not None, 1):
                 assert crossed is not None
-                events.append(GradientEvent(
-                    step=step, kind="exploding", param=name, value=value, threshold=crossed,
-                    message=(
-                        f"the gradient of {name} has RMS {value:.3g}, above {crossed:.3g}: lower "
-                        f"the learning rate, clip gradients or check the initialisation"
-                    ),
-                ))
+                events.append(
+                    GradientEvent(
+                        step=step,
+                        kind="exploding",
+                        param=name,
+                        value=value,
+                        threshold=crossed,
+                        message=(
+                            f"the gradient of {name} has RMS {value:.3g}, above {crossed:.3g}: lower "
+                            f"the learning rate, clip gradients or check the initialisation"
+                        ),
+                    )
+                )
             hist = self._history.setdefault(name, deque(maxlen=th.window))
             hist.append(value)
         return events

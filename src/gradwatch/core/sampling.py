@@ -45,7 +45,7 @@ def allocate(sizes: Sequence[int], budget: int) -> list[int]:
     while extra > 0 and sum(room) > 0:
         total = float(sum(room))
         shares = [extra * r / total for r in room]
-        add = [min(int(math.floor(x)), r) for x, r in zip(shares, room, strict=True)]
+        add = [min(math.floor(x), r) for x, r in zip(shares, room, strict=True)]
         left = extra - sum(add)
         order = sorted(range(n), key=lambda i: shares[i] - add[i], reverse=True)
         for i in order:
@@ -115,9 +115,7 @@ def sample_coordinates(
     return picks
 
 
-def random_direction(
-    shape: Sequence[int], rng: np.random.Generator
-) -> npt.NDArray[np.float64]:
+def random_direction(shape: Sequence[int], rng: np.random.Generator) -> npt.NDArray[np.float64]:
     """A random unit vector (Gaussian, normalised) shaped like the tensor.
 
     Example:

@@ -94,8 +94,10 @@ class BudgetSchedule:
     """
 
     def __init__(self, max_overhead: float) -> None:
-        if isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not (
-            0 < max_overhead <= 1
+        if (
+            isinstance(max_overhead, bool)
+            or not isinstance(max_overhead, (int, float))
+            or not (0 < max_overhead <= 1)
         ):
             raise ValueError(f"max_overhead must be a number in (0, 1], got {max_overhead!r}")
         self.max_overhead = float(max_overhead)

@@ -1,0 +1,7 @@
+"""``python -m gradwatch``."""
+
+import sys
+
+from gradwatch.cli import main
+
+sys.exit(main())

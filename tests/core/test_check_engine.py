@@ -1,0 +1,157 @@
+"""The engine on a pure-numpy problem: a known loss, a known gradient, injected bugs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from gradwatch.core.check import MAX_RESAMPLE_ROUNDS, Perturbation, run_check
+
+
+class NumpyProblem:
+    """L(W, b) = sum(softplus(X W + b) * Y) + relu-ish terms; gradient exact, bugs injectable."""
+
+    def __init__(self, seed=0, grad_scale=None, disconnect=None, kink=False, dtype=np.float64):
+        rng = np.random.default_rng(seed)
+        self.X = rng.standard_normal((16, 5))
+        self.Y = rng.standard_normal((16, 3))
+        self.params = [rng.standard_normal((5, 3)) * 0.5, rng.standard_normal(3) * 0.1]
+        self.params = [p.astype(dtype) for p in self.params]
+        self._names = ["layer.weight", "layer.bias"]
+        self.grad_scale = grad_scale or {}
+        self.disconnect = disconnect
+        self.kink = kink
+        self._dtype = np.dtype(dtype)
+        self.calls = 0
+
+    names = property(lambda self: self._names)
+    shapes = property(lambda self: [p.shape for p in self.params])
+    dtype = property(lambda self: self._dtype)
+
+    def _loss(self, W, b):
+        z = self.X @ W.astype(np.float64) + b.astype(np.float64)
+        act = np.abs(z) if self.kink else np.logaddexp(0, z)
+        return float(np.sum(act * self.Y))
+
+    @property
+    def base_loss(self):
+        return self._loss(*self.params)
+
+    def values(self, t):
+        return self.params[t].copy()
+
+    def gradient(self, t):
+        if self.disconnect == t:
+            return None
+        W, b = self.params
+        z = self.X @ W + b
+        dact = np.sign(z) if self.kink else 1 / (1 + np.exp(-z))
+        dz = dact * self.Y
+        g = [self.X.T @ dz, dz.sum(0)][t]
+        return g * self.grad_scale.get(t, 1.0)
+
+    def losses(self, perts: Sequence[Perturbation]):
+        out = []
+        for p in perts:
+            vals = [x.copy() for x in self.params]
+            if p.index is None:
+                vals[p.tensor] = p.value.astype(self._dtype)
+            else:
+                vals[p.tensor][p.index] = p.value
+            out.append(self._loss(*vals))
+            self.calls += 1
+        return np.array(out)
+
+
+@pytest.mark.parametrize("mode", ["coordinate", "directional"])
+@pytest.mark.parametrize("seed", range(10))
+def test_correct_gradient_passes(mode, seed):
+    prob = NumpyProblem(seed)
+    r = run_check(prob, num_params=8, mode=mode, rng=np.random.default_rng(seed))
+    assert r.verdict == "pass", str(r)
+    assert r.max_rel_error < 1e-6
+    assert r.events == ()
+    assert r.evaluations == 1 + prob.calls  # passing entries cost two evaluations each
+
+
+@pytest.mark.parametrize("mode", ["coordinate", "directional"])
+@pytest.mark.parametrize(("tensor", "scale"), [(0, 0.98), (1, 0.9), (1, -1.0), (0, 0.0)])
+def test_injected_bugs_fail_with_an_event_on_the_right_tensor(mode, tensor, scale):
+    for seed in range(5):
+        prob = NumpyProblem(seed, grad_scale={tensor: scale})
+        r = run_check(prob, num_params=8, mode=mode, rng=np.random.default_rng(seed))
+        assert r.verdict == "fail", str(r)
+        kind = "disconnected" if scale == 0.0 else "mismatch"
+        assert [(e.kind, e.param) for e in r.events] == [(kind, prob.names[tensor])]
+        assert r.events[0].threshold == r.rtol
+
+
+def test_no_autograd_path_but_dependence_is_disconnected():
+    r = run_check(NumpyProblem(0, disconnect=1), num_params=8, rng=np.random.default_rng(0))
+    assert r.verdict == "fail"
+    assert [(e.kind, e.param) for e in r.events] == [("disconnected", "layer.bias")]
+    assert "no gradient" in r.events[0].message
+
+
+def test_kinks_are_marked_and_resampled_not_failed():
+    # |z| has kinks; with a large eps many entries straddle one.
+    prob = NumpyProblem(3, kink=True)
+    prob.params[0][:, :] = 0.0
+    prob.params[1][:] = 1e-3  # z = 1e-3 everywhere: a step of 1e-2 crosses the kink of |z|
+    r = run_check(prob, num_params=6, rng=np.random.default_rng(0), eps=1e-2)
+    assert r.verdict != "fail", str(r)
+    assert any(e.status == "kink" for e in r.results)
+    replaced = sum(e.status == "kink" for e in r.results)
+    assert len(r.results) <= 6 + replaced * 1 + MAX_RESAMPLE_ROUNDS * 6
+
+
+def test_zero_gradient_entries_are_zero_not_mismatch():
+    prob = NumpyProblem(0)
+    prob.Y[:] = 0.0  # loss identically zero: every entry is below resolution
+    r = run_check(prob, num_params=8, rng=np.random.default_rng(0))
+    assert {e.status for e in r.results} == {"zero"}
+    assert r.verdict == "inconclusive"
+    assert r.max_rel_error is None
+
+
+def test_nonfinite_gradient_gives_a_nonfinite_event_not_a_crash():
+    prob = NumpyProblem(0, grad_scale={0: np.nan})
+    r = run_check(prob, num_params=4, rng=np.random.default_rng(0), step=12)
+    assert r.verdict == "inconclusive"
+    assert [(e.kind, e.step) for e in r.events] == [("nonfinite", 12)]
+
+
+def test_float32_is_judged_in_aggregate_and_says_so():
+    ok = run_check(NumpyProblem(1, dtype=np.float32), num_params=8, rng=np.random.default_rng(0))
+    assert ok.verdict == "pass" and ok.rtol == 0.25
+    assert any("float32" in n for n in ok.notes)
+    bad = run_check(
+        NumpyProblem(1, dtype=np.float32, grad_scale={0: -1.0}),
+        num_params=8,
+        rng=np.random.default_rng(0),
+    )
+    assert bad.verdict == "fail"
+
+
+def test_tensors_argument_restricts_the_check():
+    r = run_check(NumpyProblem(0), tensors=[1], num_params=4, rng=np.random.default_rng(0))
+    assert r.params == ("layer.bias",)
+
+
+def test_report_is_json_serialisable_and_round_trips():
+    from gradwatch import CheckReport
+
+    r = run_check(NumpyProblem(0, grad_scale={1: 0.5}), num_params=8, rng=np.random.default_rng(0))
+    text = json.dumps(r.to_dict())
+    back = CheckReport.from_dict(json.loads(text))
+    assert back == r
+    s = str(r)
+    assert "FAIL" in s and "layer.bias" in s and "mismatch" in s
+
+
+def test_unknown_mode_is_a_value_error():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        run_check(NumpyProblem(0), mode="spiral", rng=np.random.default_rng(0))
