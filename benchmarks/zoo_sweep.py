@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gradwatch.torch import check_gradients  # noqa: E402
-from tests.torch_zoo import MLP, CNN, bugs, classify, make_batch, zoo  # noqa: E402
+from tests.torch_zoo import CNN, MLP, bugs, classify, make_batch, zoo
+
+from gradwatch.torch import check_gradients
 
 
 def sweep(seeds: int) -> None:
@@ -29,13 +30,17 @@ def sweep(seeds: int) -> None:
                 fails += r.verdict == "fail"
                 inconclusive += r.verdict == "inconclusive"
                 worst = max(worst, r.max_rel_error or 0.0)
-        print(f"healthy zoo, {mode:11s}: {fails} false alarms / {runs} runs, "
-              f"{inconclusive} inconclusive, worst rel error {worst:.2g}")
+        print(
+            f"healthy zoo, {mode:11s}: {fails} false alarms / {runs} runs, "
+            f"{inconclusive} inconclusive, worst rel error {worst:.2g}"
+        )
         caught = total = 0
         for seed in range(seeds):
             for _name, factory, kind, param in bugs():
                 torch.manual_seed(seed)
-                r = check_gradients(factory(), make_batch("mlp", seed), classify, mode=mode, seed=seed)
+                r = check_gradients(
+                    factory(), make_batch("mlp", seed), classify, mode=mode, seed=seed
+                )
                 total += 1
                 caught += (kind, param) in [(e.kind, e.param) for e in r.events]
         print(f"injected bugs, {mode:11s}: {caught} caught / {total} runs (right kind and tensor)")

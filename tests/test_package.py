@@ -15,8 +15,13 @@ def test_import_gradwatch_imports_no_ml_framework():
 
 
 def test_public_names():
-    for name in ("GradientCheckError", "GradientHealthWarning", "CheckReport", "EntryResult",
-                 "GradientEvent"):
+    for name in (
+        "GradientCheckError",
+        "GradientHealthWarning",
+        "CheckReport",
+        "EntryResult",
+        "GradientEvent",
+    ):
         assert name in gradwatch.__all__ and hasattr(gradwatch, name)
     assert issubclass(gradwatch.GradientHealthWarning, UserWarning)
 
@@ -28,5 +33,7 @@ def test_cli_usage_errors_exit_2(capsys):
 
 
 def test_python_dash_m_runs():
-    out = subprocess.run([sys.executable, "-m", "gradwatch", "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "gradwatch", "--help"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "inspect" in out.stdout

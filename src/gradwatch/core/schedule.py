@@ -6,6 +6,7 @@ Schedules are small objects with ``due(step_index) -> bool`` and two feeds, ``re
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 __all__ = ["BudgetSchedule", "FixedSchedule", "Schedule", "make_schedule"]
@@ -122,6 +123,22 @@ class BudgetSchedule:
         self.checks += 1
         self.last_check_seconds = max(0.0, float(seconds))
         self.train_seconds_since = 0.0
+
+    def steps_until_due(self, mean_step_seconds: float) -> int:
+        """Steps of ``mean_step_seconds`` until the next check is due (at least 1).
+
+        Distributed callbacks turn the time budget into a step count on one rank and broadcast it,
+        so every rank checks at the same step.
+
+        Example:
+            >>> s = BudgetSchedule(0.5); s.record_check(1.0)
+            >>> s.steps_until_due(0.25)
+            8
+        """
+        left = self.needed_seconds - self.train_seconds_since
+        if mean_step_seconds <= 0:
+            return 1
+        return max(1, math.ceil(left / mean_step_seconds))
 
     def explain(self) -> str:
         if self.checks == 0:

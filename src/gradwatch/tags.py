@@ -1,0 +1,77 @@
+"""The log vocabulary: tag names and records turned into loggable values.
+
+Both callbacks write through this module, and ``gradwatch inspect`` reads back through it, so the
+names live in exactly one place.
+
+Example:
+    >>> norm_tag("fc.weight"), rel_error_tag("fc.weight"), EVENTS_TAG
+    ('gradwatch/grad_norm/fc.weight', 'gradwatch/rel_error/fc.weight', 'gradwatch/events')
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from gradwatch.report import CheckReport, GradientEvent
+
+__all__ = [
+    "EVENTS_TAG",
+    "GLOBAL_NORM_TAG",
+    "MAX_REL_ERROR_TAG",
+    "PREFIX",
+    "event_text",
+    "hist_tag",
+    "norm_scalars",
+    "norm_tag",
+    "rel_error_tag",
+    "report_scalars",
+]
+
+PREFIX = "gradwatch"
+NORM_PREFIX = f"{PREFIX}/grad_norm/"
+REL_ERROR_PREFIX = f"{PREFIX}/rel_error/"
+HIST_PREFIX = f"{PREFIX}/grad_hist/"
+GLOBAL_NORM_TAG = f"{NORM_PREFIX}global"
+MAX_REL_ERROR_TAG = f"{REL_ERROR_PREFIX}max"
+EVENTS_TAG = f"{PREFIX}/events"
+
+
+def norm_tag(param: str) -> str:
+    """Scalar tag of a parameter's gradient L2 norm."""
+    return f"{NORM_PREFIX}{param}"
+
+
+def rel_error_tag(param: str) -> str:
+    """Scalar tag of a parameter's worst relative error in a check."""
+    return f"{REL_ERROR_PREFIX}{param}"
+
+
+def hist_tag(param: str) -> str:
+    """Histogram tag of a parameter's gradient values."""
+    return f"{HIST_PREFIX}{param}"
+
+
+def norm_scalars(norms: Mapping[str, float], global_norm: float) -> dict[str, float]:
+    """Per-parameter and global gradient norms as ``{tag: value}``.
+
+    Example:
+        >>> norm_scalars({"w": 3.0}, 3.0)
+        {'gradwatch/grad_norm/w': 3.0, 'gradwatch/grad_norm/global': 3.0}
+    """
+    out = {norm_tag(name): float(value) for name, value in norms.items()}
+    out[GLOBAL_NORM_TAG] = float(global_norm)
+    return out
+
+
+def report_scalars(report: CheckReport) -> dict[str, float]:
+    """Worst relative error per checked parameter, and the maximum, as ``{tag: value}``."""
+    out = {rel_error_tag(name): value for name, value in report.worst_by_param().items()}
+    if report.max_rel_error is not None:
+        out[MAX_REL_ERROR_TAG] = float(report.max_rel_error)
+    return out
+
+
+def event_text(event: GradientEvent) -> str:
+    """The text summary of an event: its ``to_dict()`` as JSON."""
+    return json.dumps(event.to_dict(), allow_nan=False)

@@ -1,0 +1,263 @@
+"""The framework-free half of every callback: configuration, health rules, schedule, records.
+
+A callback (Lightning, Keras) owns a :class:`Watcher`. It hands it gradient norms and check reports
+and acts on the returned :class:`~gradwatch.core.policy.Action`; where records are written is the
+callback's business (its logger), except the JSON-lines file, which the watcher writes itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from gradwatch import _validate as v
+from gradwatch.core.health import HealthMonitor, HealthThresholds
+from gradwatch.core.policy import Action, Policy, dispatch, validate_policy
+from gradwatch.core.sampling import round_robin
+from gradwatch.core.schedule import Schedule, make_schedule
+from gradwatch.report import CheckReport, GradientEvent
+from gradwatch.sinks import JsonlSink
+
+__all__ = ["MAX_EVENTS", "MAX_REPORTS", "WatchConfig", "Watcher"]
+
+#: Reports kept in memory (the latest); events kept (the first), with a count of the rest.
+MAX_REPORTS = 100
+MAX_EVENTS = 10_000
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """Validated constructor arguments shared by the Lightning and Keras callbacks.
+
+    Example:
+        >>> WatchConfig.create(check_every_n_steps=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: check_every_n_steps must be None (cost budget) or an integer >= 1, got 0
+    """
+
+    check_every_n_steps: int | None = None
+    num_params: int = 32
+    mode: str = "coordinate"
+    dtype: str | None = "float64"
+    enable_checks: bool = True
+    enable_norms: bool = True
+    norm_every_n_steps: int = 1
+    log_every_n_steps: int | None = None
+    vanish_threshold: float = HealthThresholds.vanish_threshold
+    explode_threshold: float = HealthThresholds.explode_threshold
+    patience: int = HealthThresholds.patience
+    on_mismatch: Policy = "warn"
+    on_vanish: Policy = "warn"
+    on_explode: Policy = "warn"
+    on_nonfinite: Policy = "halt"
+    max_overhead: float = 0.02
+    seed: int = 0
+    eps: float | None = None
+    rtol: float | None = None
+    include: str | tuple[str, ...] | None = None
+    exclude: str | tuple[str, ...] | None = None
+    jsonl_path: str | None = None
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> WatchConfig:
+        """Validate every argument (``ValueError`` naming the argument) and build the config."""
+        c = cls(**kwargs)
+        if c.check_every_n_steps is not None:
+            if (
+                isinstance(c.check_every_n_steps, bool)
+                or not isinstance(c.check_every_n_steps, int)
+                or c.check_every_n_steps < 1
+            ):
+                raise ValueError(
+                    "check_every_n_steps must be None (cost budget) or an integer >= 1, "
+                    f"got {c.check_every_n_steps!r}"
+                )
+        v.check_positive_int("num_params", c.num_params)
+        v.check_mode(c.mode)
+        v.check_dtype(c.dtype)
+        for name in ("enable_checks", "enable_norms"):
+            if not isinstance(getattr(c, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
+        v.check_positive_int("norm_every_n_steps", c.norm_every_n_steps)
+        v.check_positive_int("log_every_n_steps", c.log_every_n_steps, allow_none=True)
+        v.check_positive_float("vanish_threshold", c.vanish_threshold)
+        v.check_positive_float("explode_threshold", c.explode_threshold)
+        v.check_positive_int("patience", c.patience)
+        for name in ("on_mismatch", "on_vanish", "on_explode", "on_nonfinite"):
+            validate_policy(name, getattr(c, name))
+        if (
+            isinstance(c.max_overhead, bool)
+            or not isinstance(c.max_overhead, (int, float))
+            or not 0 < c.max_overhead <= 1
+        ):
+            raise ValueError(f"max_overhead must be a number in (0, 1], got {c.max_overhead!r}")
+        if isinstance(c.seed, bool) or not isinstance(c.seed, int):
+            raise ValueError(f"seed must be an integer, got {c.seed!r}")
+        v.check_positive_float("eps", c.eps, allow_none=True)
+        v.check_positive_float("rtol", c.rtol, allow_none=True)
+        v.compile_patterns("include", c.include)
+        v.compile_patterns("exclude", c.exclude)
+        if c.jsonl_path is not None and not isinstance(c.jsonl_path, (str,)):
+            raise ValueError(f"jsonl_path must be a path string or None, got {c.jsonl_path!r}")
+        return c
+
+    @property
+    def policies(self) -> dict[str, Policy]:
+        """The four policies by argument name."""
+        return {
+            "on_mismatch": self.on_mismatch,
+            "on_vanish": self.on_vanish,
+            "on_explode": self.on_explode,
+            "on_nonfinite": self.on_nonfinite,
+        }
+
+    @property
+    def thresholds(self) -> HealthThresholds:
+        """Health thresholds from this config."""
+        return HealthThresholds(
+            vanish_threshold=self.vanish_threshold,
+            explode_threshold=self.explode_threshold,
+            patience=self.patience,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The constructor arguments (for ``get_config`` and ``state_key``)."""
+        return asdict(self)
+
+
+def rms_values(norms: Mapping[str, float], numels: Mapping[str, int]) -> dict[str, float]:
+    """``‖g‖₂ / √numel`` per tensor.
+
+    Example:
+        >>> rms_values({"w": 4.0}, {"w": 4})
+        {'w': 2.0}
+    """
+    return {k: float(n) / math.sqrt(max(1, numels.get(k, 1))) for k, n in norms.items()}
+
+
+def global_norm(norms: Mapping[str, float]) -> float:
+    """``sqrt(Σ ‖g‖²)``.
+
+    Example:
+        >>> global_norm({"a": 3.0, "b": 4.0})
+        5.0
+    """
+    return math.sqrt(sum(float(n) ** 2 for n in norms.values()))
+
+
+class Watcher:
+    """Health rules, schedule, bounded records and the JSON-lines sink for one training run.
+
+    Args:
+        config: Validated configuration.
+    """
+
+    def __init__(self, config: WatchConfig) -> None:
+        self.config = config
+        self.schedule: Schedule = make_schedule(config.check_every_n_steps, config.max_overhead)
+        self.health: HealthMonitor | None = None
+        self.numels: dict[str, int] = {}
+        self._reports: deque[CheckReport] = deque(maxlen=MAX_REPORTS)
+        self._events: list[GradientEvent] = []
+        self.events_dropped = 0
+        self.checks_done = 0
+        self.skipped_steps = 0
+        self.jsonl = JsonlSink(config.jsonl_path) if config.jsonl_path else None
+
+    def start(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        """Know the tensors (name → shape, model order); keeps health state across restarts."""
+        self.numels = {n: int(math.prod(s)) if len(s) else 1 for n, s in shapes.items()}
+        if self.health is None or set(self.health.order) != set(shapes):
+            pending = self.health.state_dict() if self.health is not None else None
+            self.health = HealthMonitor(shapes, self.config.thresholds)
+            if pending is not None:
+                self.health.load_state_dict(pending)
+
+    # -- records -----------------------------------------------------------------------------
+    @property
+    def reports(self) -> list[CheckReport]:
+        """The latest :data:`MAX_REPORTS` check reports."""
+        return list(self._reports)
+
+    @property
+    def events(self) -> list[GradientEvent]:
+        """Events, the first :data:`MAX_EVENTS` of them (``events_dropped`` counts the rest)."""
+        return list(self._events)
+
+    def _record_events(self, events: Sequence[GradientEvent]) -> None:
+        for e in events:
+            if len(self._events) < MAX_EVENTS:
+                self._events.append(e)
+            else:
+                self.events_dropped += 1
+            if self.jsonl is not None:
+                self.jsonl.write_event(e)
+
+    # -- observations ------------------------------------------------------------------------
+    def observe_norms(
+        self, step: int, norms: Mapping[str, float], *, write: bool
+    ) -> tuple[list[GradientEvent], Action]:
+        """Feed L2 norms of one optimizer step; returns the events that start now and the action."""
+        if self.health is None:
+            self.start({k: (self.numels.get(k, 1),) for k in norms})
+        assert self.health is not None
+        events = self.health.observe(step, rms_values(norms, self.numels))
+        if write and self.jsonl is not None:
+            self.jsonl.write_norms(step, norms, global_norm(norms))
+        self._record_events(events)
+        return events, dispatch(events, self.config.policies)
+
+    def observe_report(self, report: CheckReport) -> Action:
+        """Record a check report; returns the action its events call for."""
+        self._reports.append(report)
+        self.checks_done += 1
+        if self.jsonl is not None:
+            self.jsonl.write_report(report)
+        self._record_events(report.events)
+        return dispatch(report.events, self.config.policies, report)
+
+    def observe_event(self, event: GradientEvent) -> Action:
+        """Record one event produced outside the rules (e.g. a collapsing loss scale)."""
+        self._record_events([event])
+        return dispatch([event], self.config.policies)
+
+    def tensors_for_check(self, n_tensors: int) -> list[int]:
+        """Round-robin window of tensors for the next check (all when they fit ``num_params``)."""
+        return round_robin(n_tensors, self.config.num_params, self.checks_done)
+
+    def flush(self) -> None:
+        """Flush the JSON-lines file."""
+        if self.jsonl is not None:
+            self.jsonl.flush()
+
+    def close(self) -> None:
+        """Close the JSON-lines file."""
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Resumable state: schedule position, patience counters, counts."""
+        return {
+            "schedule": self.schedule.state_dict(),
+            "health": self.health.state_dict() if self.health is not None else None,
+            "checks_done": self.checks_done,
+            "skipped_steps": self.skipped_steps,
+            "events_dropped": self.events_dropped,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.schedule.load_state_dict(dict(state.get("schedule", {})))
+        self.checks_done = int(state.get("checks_done", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.events_dropped = int(state.get("events_dropped", 0))
+        health = state.get("health")
+        if health is not None:
+            if self.health is None:  # shapes come with start(), which keeps this state
+                self.health = HealthMonitor({}, self.config.thresholds)
+            self.health.load_state_dict(health)
