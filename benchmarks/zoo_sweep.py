@@ -52,7 +52,7 @@ def cost(repeats: int = 7) -> None:
         batch = make_batch(kind, 0, n=64)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
-        def train_step() -> None:
+        def train_step(model=model, batch=batch, opt=opt) -> None:  # type: ignore[no-untyped-def]
             opt.zero_grad()
             classify(model, batch).backward()
             opt.step()

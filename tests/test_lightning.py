@@ -208,7 +208,7 @@ class Manual(Classifier):
 
 
 def test_manual_optimization_needs_loss_fn_at_setup():
-    with pytest.raises(ValueError, match="manual optimization.*loss_fn"):
+    with pytest.raises(ValueError, match=r"manual optimization.*loss_fn"):
         fit(Manual(MLP()), GradWatch())
 
 

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -261,7 +262,9 @@ class GradWatch(Callback):
             (clean_name(n), p) for n, p in pl_module.named_parameters() if p.requires_grad
         ]
         self._watcher.start({n: tuple(p.shape) for n, p in self._params})
-        self._log_every = self.config.log_every_n_steps or max(1, trainer.log_every_n_steps)
+        self._log_every = self.config.log_every_n_steps or max(
+            1, int(getattr(trainer, "log_every_n_steps", 50))
+        )
         self._checker = None
 
     def on_train_batch_start(
@@ -476,7 +479,7 @@ class GradWatch(Callback):
 
             self._checker = TorchChecker(
                 pl_module,
-                loss,
+                loss,  # type: ignore[arg-type]
                 num_params=self.config.num_params,
                 mode=self.config.mode,
                 dtype=self.config.dtype,

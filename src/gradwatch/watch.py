@@ -66,16 +66,15 @@ class WatchConfig:
     def create(cls, **kwargs: Any) -> WatchConfig:
         """Validate every argument (``ValueError`` naming the argument) and build the config."""
         c = cls(**kwargs)
-        if c.check_every_n_steps is not None:
-            if (
-                isinstance(c.check_every_n_steps, bool)
-                or not isinstance(c.check_every_n_steps, int)
-                or c.check_every_n_steps < 1
-            ):
-                raise ValueError(
-                    "check_every_n_steps must be None (cost budget) or an integer >= 1, "
-                    f"got {c.check_every_n_steps!r}"
-                )
+        if c.check_every_n_steps is not None and (
+            isinstance(c.check_every_n_steps, bool)
+            or not isinstance(c.check_every_n_steps, int)
+            or c.check_every_n_steps < 1
+        ):
+            raise ValueError(
+                "check_every_n_steps must be None (cost budget) or an integer >= 1, "
+                f"got {c.check_every_n_steps!r}"
+            )
         v.check_positive_int("num_params", c.num_params)
         v.check_mode(c.mode)
         v.check_dtype(c.dtype)
