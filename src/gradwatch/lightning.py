@@ -562,10 +562,8 @@ class GradWatch(Callback):
         for w in self._tensorboards(trainer):
             w.flush()
         for lg in trainer.loggers:
-            try:
+            with contextlib.suppress(Exception):
                 lg.save()
-            except Exception:
-                pass
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._flush(trainer)
