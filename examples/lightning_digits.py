@@ -96,7 +96,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
     L.seed_everything(0, verbose=False)
-    watch = GradWatch(check_every_n_steps=25, jsonl_path=f"{args.logdir}/gradwatch.jsonl")
+    watch = GradWatch(check_every_n_steps=25)
     logger = TensorBoardLogger(args.logdir, name="lightning")
     trainer = L.Trainer(
         max_epochs=args.epochs,

@@ -13,12 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from gradwatch import GradientCheckError  # noqa: E402
-from gradwatch.lightning import GradWatch  # noqa: E402
-from tests.lightning_models import Classifier, ScaledGradFn, loader, trainer  # noqa: E402
+from gradwatch import GradientCheckError
+from gradwatch.lightning import GradWatch
+from tests.lightning_models import Classifier, ScaledGradFn, loader, trainer
 
 
 class RankBug(nn.Module):

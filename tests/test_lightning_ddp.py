@@ -18,7 +18,11 @@ def run(mode: str, tmp_path: Path) -> tuple[int, dict[int, dict]]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), mode, str(tmp_path)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=SCRIPT.parents[1],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=SCRIPT.parents[1],
     )
     out = {}
     for r in (0, 1):

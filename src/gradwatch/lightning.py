@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -354,6 +355,13 @@ class GradWatch(Callback):
         train_seconds = time.perf_counter() - self._t_start
         step = self._step(trainer)
         rank0 = trainer.global_rank == 0
+        if rank0:
+            meta = self._watcher.meta_once()
+            if meta is not None:
+                for w in self._tensorboards(trainer):
+                    w.add_text(tags.META_TAG, json.dumps(meta), step)
+                    with contextlib.suppress(Exception):  # a layout is a nicety, never an error
+                        w._get_file_writer().add_summary(tags.custom_scalars_layout())
         if self._pending:
             norms, self._pending = self._pending, {}
             write = step % self._log_every == 0

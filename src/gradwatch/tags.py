@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Any
 
 from gradwatch.report import CheckReport, GradientEvent
 
@@ -19,7 +20,9 @@ __all__ = [
     "EVENTS_TAG",
     "GLOBAL_NORM_TAG",
     "MAX_REL_ERROR_TAG",
+    "META_TAG",
     "PREFIX",
+    "custom_scalars_layout",
     "event_text",
     "hist_tag",
     "norm_scalars",
@@ -35,6 +38,8 @@ HIST_PREFIX = f"{PREFIX}/grad_hist/"
 GLOBAL_NORM_TAG = f"{NORM_PREFIX}global"
 MAX_REL_ERROR_TAG = f"{REL_ERROR_PREFIX}max"
 EVENTS_TAG = f"{PREFIX}/events"
+#: Text summary written once per run: parameter shapes and the thresholds in force (JSON).
+META_TAG = f"{PREFIX}/meta"
 
 
 def norm_tag(param: str) -> str:
@@ -75,3 +80,42 @@ def report_scalars(report: CheckReport) -> dict[str, float]:
 def event_text(event: GradientEvent) -> str:
     """The text summary of an event: its ``to_dict()`` as JSON."""
     return json.dumps(event.to_dict(), allow_nan=False)
+
+
+def custom_scalars_layout() -> Any:
+    """A TensorBoard custom-scalars layout (a ``Summary`` proto; needs the ``tensorboard`` package).
+
+    One chart with the gradient norms of all layers, one with the relative errors of all checks,
+    so a run's gradients read at a glance in TensorBoard's *Custom Scalars* tab.
+    """
+    from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    def chart(title: str, regex: str) -> Any:
+        return layout_pb2.Chart(
+            title=title, multiline=layout_pb2.MultilineChartContent(tag=[regex])
+        )
+
+    layout = layout_pb2.Layout(
+        category=[
+            layout_pb2.Category(
+                title="gradwatch",
+                chart=[
+                    chart("gradient norm per layer", r"gradwatch/grad_norm/.*"),
+                    chart("relative error per checked tensor", r"gradwatch/rel_error/.*"),
+                ],
+            )
+        ]
+    )
+    value = summary_pb2.Summary.Value(
+        tag="custom_scalars__config__",
+        metadata=summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="custom_scalars")
+        ),
+        tensor=tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING,
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+            string_val=[layout.SerializeToString()],
+        ),
+    )
+    return summary_pb2.Summary(value=[value])

@@ -160,6 +160,8 @@ class Watcher:
         self.schedule: Schedule = make_schedule(config.check_every_n_steps, config.max_overhead)
         self.health: HealthMonitor | None = None
         self.numels: dict[str, int] = {}
+        self.shapes: dict[str, list[int]] = {}
+        self._meta_written = False
         self._reports: deque[CheckReport] = deque(maxlen=MAX_REPORTS)
         self._events: list[GradientEvent] = []
         self.events_dropped = 0
@@ -169,12 +171,36 @@ class Watcher:
 
     def start(self, shapes: Mapping[str, Sequence[int]]) -> None:
         """Know the tensors (name → shape, model order); keeps health state across restarts."""
+        self.shapes = {n: [int(d) for d in s] for n, s in shapes.items()}
         self.numels = {n: int(math.prod(s)) if len(s) else 1 for n, s in shapes.items()}
         if self.health is None or set(self.health.order) != set(shapes):
             pending = self.health.state_dict() if self.health is not None else None
             self.health = HealthMonitor(shapes, self.config.thresholds)
             if pending is not None:
                 self.health.load_state_dict(pending)
+
+    def meta(self) -> dict[str, Any]:
+        """Shapes and thresholds of this run, written once so ``inspect`` can judge the norms."""
+        from gradwatch.core.finite_diff import tolerances_for
+
+        dtype = self.config.dtype or "float32"
+        th = self.config.thresholds
+        return {
+            "shapes": dict(self.shapes),
+            "vanish_threshold": th.vanish_threshold,
+            "explode_threshold": th.explode_threshold,
+            "rtol": self.config.rtol or tolerances_for(dtype).rtol,
+        }
+
+    def meta_once(self) -> dict[str, Any] | None:
+        """:meth:`meta` the first time (also into the JSON-lines file), ``None`` afterwards."""
+        if self._meta_written:
+            return None
+        self._meta_written = True
+        meta = self.meta()
+        if self.jsonl is not None:
+            self.jsonl.write_meta(meta)
+        return meta
 
     # -- records -----------------------------------------------------------------------------
     @property
