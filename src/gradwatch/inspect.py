@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import math
@@ -199,10 +200,8 @@ def _add_text(run: RunData, tag: str, text: str, path: Path) -> None:
         except (ValueError, KeyError, TypeError):
             warnings.warn(f"{path}: an unreadable event text was skipped", stacklevel=4)
     elif tag.startswith(tags.META_TAG):
-        try:
+        with contextlib.suppress(ValueError):
             run.meta.update(json.loads(text))
-        except ValueError:
-            pass
 
 
 def _read_jsonl(path: Path, run: RunData) -> None:
@@ -447,8 +446,8 @@ def print_tables(runs: Sequence[RunData], param: str | None, file: Any = None) -
     events = _events(runs, param)
     if events:
         console.print(f"[bold]{len(events)} event(s)[/bold]")
-        for run, e in events:
-            where = f"{run} " if len(runs) > 1 else ""
+        for run_name, e in events:
+            where = f"{run_name} " if len(runs) > 1 else ""
             console.print(
                 f"  {where}step {e.step}: [red]{e.kind}[/red] {e.param}: {e.message}",
                 highlight=False,
