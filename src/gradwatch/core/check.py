@@ -453,7 +453,8 @@ def _report(
                     message=(
                         f"autodiff gives {worst.analytic:.6g} for {rec.name} {where} but finite "
                         f"differences give {worst.numeric:.6g} (relative error {worst.rel:.3g} > "
-                        f"{tol.rtol:g}); check the backward of the operation that uses it"
+                        f"{tol.rtol:g}); check the backward of the operations between it and the loss "
+                        f"(tensors nearer the loss that pass narrow it down)"
                     ),
                 )
             )
