@@ -1,0 +1,473 @@
+"""Keras 3 adapter: ``check_gradients`` / ``assert_gradients`` and the ``GradWatch`` callback.
+
+The check computes the model's loss at arbitrary parameter values without touching the model: a
+float64 twin (layers cloned with a float64 dtype, the loss rebuilt as explicit float64 objects,
+weights copied in at each check) is evaluated inside a ``keras.StatelessScope`` in training mode,
+with the non-trainable state (BatchNorm statistics, dropout seed state) held fixed so every
+evaluation draws the same dropout mask, and the updated state discarded. Gradients come from the
+backend's own autodiff (``tf.GradientTape``, ``torch.autograd.grad``, ``jax.value_and_grad``).
+
+Example:
+    >>> import numpy as np, keras
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> model.compile(loss="mse")
+    >>> check_gradients(model, np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")).verdict
+    'pass'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import numpy.typing as npt
+
+from gradwatch import _validate as v
+from gradwatch import tags
+from gradwatch.core.check import Perturbation, run_check
+from gradwatch.core.policy import Action
+from gradwatch.errors import GradientCheckError
+from gradwatch.report import CheckReport, GradientEvent
+from gradwatch.sinks import TensorBoardSink
+from gradwatch.watch import WatchConfig, Watcher, global_norm
+
+__all__ = ["GradWatch", "KerasChecker", "assert_gradients", "check_gradients"]
+
+logger = logging.getLogger("gradwatch")
+
+
+# -- the float64 twin -----------------------------------------------------------------------------
+
+
+def _retype(layer: Any, dtype: str) -> Any:
+    config = layer.get_config()
+    if "dtype" not in config:
+        return layer.__class__.from_config(config)
+    config["dtype"] = dtype
+    return layer.__class__.from_config(config)
+
+
+class _FunctionLoss(keras.losses.Loss):
+    """A loss function as a ``Loss`` object with an explicit dtype (inputs are cast to it)."""
+
+    def __init__(self, fn: Callable[..., Any], dtype: str) -> None:
+        super().__init__(name=getattr(fn, "__name__", "loss"), dtype=dtype)
+        self.fn = fn
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        return self.fn(y_true, y_pred)
+
+
+def _loss_in(loss: Any, dtype: str) -> Any:
+    """The same loss (structure kept) as explicit objects computing in ``dtype``."""
+    if loss is None:
+        return None
+    if isinstance(loss, Mapping):
+        return {k: _loss_in(x, dtype) for k, x in loss.items()}
+    if isinstance(loss, (list, tuple)):
+        return type(loss)(_loss_in(x, dtype) for x in loss)
+    obj = keras.losses.get(loss) if isinstance(loss, str) else loss
+    if isinstance(obj, keras.losses.Loss):
+        config = obj.get_config()
+        config["dtype"] = dtype
+        try:
+            return obj.__class__.from_config(config)
+        except Exception:  # noqa: BLE001 - a custom Loss without a full config
+            return _FunctionLoss(obj, dtype)
+    if callable(obj):
+        return _FunctionLoss(obj, dtype)
+    raise ValueError(f"loss must be anything model.compile(loss=...) accepts, got {loss!r}")
+
+
+def _compiled_loss(model: Any) -> Any:
+    return getattr(model, "loss", None)
+
+
+def _build_twin(model: Any, loss: Any, dtype: str) -> tuple[Any, list[str]]:
+    """A clone of ``model`` in ``dtype`` compiled with ``loss`` in ``dtype``; or the model itself."""
+    notes: list[str] = []
+    twin = model
+    if dtype != _model_dtype(model):
+        try:
+            twin = keras.models.clone_model(model, clone_function=lambda layer: _retype(layer, dtype))
+            if not twin.built:
+                twin.build(model.input_shape if hasattr(model, "input_shape") else None)
+            if len(twin.weights) != len(model.weights):
+                raise ValueError("the clone has different weights")
+        except Exception as exc:  # noqa: BLE001 - fall back, never fail
+            twin = model
+            note = (
+                f"the model could not be cloned in {dtype} ({type(exc).__name__}: {exc}); checked "
+                f"in {_model_dtype(model)} instead, where bugs smaller than about 25% of a "
+                f"gradient are invisible"
+            )
+            notes.append(note)
+            warnings.warn(f"gradwatch: {note}", UserWarning, stacklevel=4)
+    if twin is not model:
+        compile_config = model.get_compile_config() if model.compiled else {}
+        weights = (compile_config or {}).get("loss_weights")
+        # CompileLoss takes its dtype from floatx when it is created: create it under `dtype`,
+        # or it casts y_pred back to float32 and every quotient comes out quantised.
+        floatx = keras.config.floatx()
+        try:
+            keras.config.set_floatx(dtype)
+            twin.compile(loss=_loss_in(loss, dtype), loss_weights=weights)
+        finally:
+            keras.config.set_floatx(floatx)
+    return twin, notes
+
+
+def _model_dtype(model: Any) -> str:
+    for w in model.trainable_weights:
+        return str(w.dtype)
+    return keras.config.floatx()
+
+
+# -- backend-specific gradient -----------------------------------------------------------------
+
+
+def _to_numpy(x: Any) -> np.ndarray[Any, Any]:
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def _value_and_grad(
+    fn: Callable[[list[Any]], Any], values: list[Any]
+) -> tuple[float, list[np.ndarray[Any, Any] | None]]:
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            for t in values:
+                tape.watch(t)
+            loss = fn(values)
+        grads = tape.gradient(loss, values, unconnected_gradients=tf.UnconnectedGradients.NONE)
+        out: list[np.ndarray[Any, Any] | None] = []
+        for g in grads:
+            if g is None:
+                out.append(None)
+            else:
+                if isinstance(g, tf.IndexedSlices):
+                    g = tf.convert_to_tensor(g)  # sums duplicate indices
+                out.append(g.numpy())
+        return float(loss.numpy()), out
+    if backend == "torch":
+        import torch
+
+        leaves = [t.detach().clone().requires_grad_(True) for t in values]
+        loss = fn(leaves)
+        if not loss.requires_grad:
+            return float(loss.detach().cpu().item()), [None for _ in leaves]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return float(loss.detach().cpu().item()), [
+            None if g is None else (g.to_dense() if g.is_sparse else g).detach().cpu().numpy()
+            for g in grads
+        ]
+    if backend == "jax":
+        import jax
+
+        loss, grads = jax.value_and_grad(lambda vals: fn(list(vals)))(tuple(values))
+        return float(loss), [np.asarray(g) for g in grads]
+    raise ValueError(f"gradwatch.keras supports the tensorflow, torch and jax backends, not {backend!r}")
+
+
+@contextlib.contextmanager
+def _floatx(dtype: str) -> Iterator[None]:
+    """``floatx`` set to ``dtype`` while the twin computes: some backend ops (the torch backend's
+    cross-entropies) create intermediate tensors in floatx and would round the loss to float32."""
+    saved = keras.config.floatx()
+    keras.config.set_floatx(dtype)
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(saved)
+
+
+@contextlib.contextmanager
+def _torch_rng(seed: int) -> Iterator[None]:
+    if keras.backend.backend() != "torch":
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+# -- the checker -------------------------------------------------------------------------------
+
+
+class _Problem:
+    def __init__(
+        self,
+        checker: KerasChecker,
+        x: Any,
+        y: Any,
+        sample_weight: Any,
+        chosen: list[int],
+        eval_seed: int,
+    ) -> None:
+        self.c = checker
+        twin = checker.twin
+        dtype = checker.dtype_name
+        self._names = checker.names
+        src_tr = [checker.trainable_sources[i] for i in range(len(checker.names))]
+        self._values = [np.asarray(_to_numpy(w.value), dtype=dtype) for w in src_tr]
+        self._shapes = [tuple(a.shape) for a in self._values]
+        # Non-trainable state in the twin's dtypes (seed states stay integers).
+        self._ntr = [
+            keras.ops.convert_to_tensor(
+                np.asarray(_to_numpy(src.value)).astype(dst.dtype, copy=False), dtype=dst.dtype
+            )
+            for src, dst in zip(checker.model.non_trainable_variables, twin.non_trainable_variables, strict=True)
+        ]
+        self._frozen_trainable = [
+            keras.ops.convert_to_tensor(np.asarray(_to_numpy(w.value)).astype(w.dtype), dtype=w.dtype)
+            for w in checker.frozen_twin_vars
+        ]
+        self.x = _cast_tree(x, dtype)
+        self.y = _cast_tree(y, dtype)
+        self.sample_weight = _cast_tree(sample_weight, dtype)
+        self.eval_seed = eval_seed
+        self.precision = dtype
+        self.notes: list[str] = []
+        probe = [keras.ops.convert_to_tensor(a, dtype=dtype) for a in self._values]
+        with _torch_rng(eval_seed):
+            probe_loss = float(_to_numpy(self._loss(probe)))
+        if dtype == "float64" and probe_loss != 0.0 and float(np.float32(probe_loss)) == probe_loss:
+            # A float64 loss that is exactly a float32 number was rounded to float32 on the way
+            # (the torch backend's loss reduction in Keras 3.15 does this; the chance that a true
+            # float64 value lands on the float32 grid is about 2**-29). Judge the check as a
+            # float32 one rather than cry wolf.
+            self.precision = "float32"
+            self.notes.append(
+                f"Keras rounded the loss to float32 on the {keras.backend.backend()} backend, so "
+                f"this check has float32 resolution: only gross bugs are visible"
+            )
+            self._values = [a.astype("float32").astype(dtype) for a in self._values]
+        base_vals = [keras.ops.convert_to_tensor(a, dtype=dtype) for a in self._values]
+        with _torch_rng(eval_seed):
+            self._base, self._grads = _value_and_grad(self._loss, base_vals)
+        self.evaluations = 1
+
+    def _loss(self, values: Sequence[Any]) -> Any:
+        twin = self.c.twin
+        mapping = list(zip(self.c.checked_twin_vars, values, strict=True))
+        mapping += list(zip(self.c.frozen_twin_vars, self._frozen_trainable, strict=True))
+        mapping += list(zip(twin.non_trainable_variables, self._ntr, strict=True))
+        mapping += [(m, m.value) for m in twin.metrics_variables]
+        with _floatx(self.c.dtype_name), keras.StatelessScope(state_mapping=mapping):
+            y_pred = twin(self.x, training=True)
+            loss = twin.compute_loss(
+                x=self.x, y=self.y, y_pred=y_pred, sample_weight=self.sample_weight, training=True
+            )
+        return loss
+
+    names = property(lambda self: self._names)
+    shapes = property(lambda self: self._shapes)
+    dtype = property(lambda self: np.dtype(self.precision))
+    base_loss = property(lambda self: self._base)
+
+    def values(self, tensor: int) -> npt.NDArray[Any]:
+        return self._values[tensor].astype(self.precision)
+
+    def gradient(self, tensor: int) -> npt.NDArray[Any] | None:
+        return self._grads[tensor]
+
+    def losses(self, perturbations: Sequence[Perturbation]) -> npt.NDArray[np.float64]:
+        out = np.empty(len(perturbations), dtype=np.float64)
+        dtype = self.c.dtype_name
+        base = [keras.ops.convert_to_tensor(a, dtype=dtype) for a in self._values]
+        for k, p in enumerate(perturbations):
+            arr = self._values[p.tensor]
+            if p.index is None:
+                new = np.asarray(p.value, dtype=dtype)
+            else:
+                new = arr.copy()
+                new[p.index] = p.value
+            vals = list(base)
+            vals[p.tensor] = keras.ops.convert_to_tensor(new, dtype=dtype)
+            with _torch_rng(self.eval_seed):
+                out[k] = float(_to_numpy(self._loss(vals)))
+            self.evaluations += 1
+        return out
+
+
+def _cast_tree(data: Any, dtype: str) -> Any:
+    """Floating arrays/tensors in a nested structure → ``dtype``; integers stay as they are."""
+    if data is None:
+        return None
+    if isinstance(data, Mapping):
+        return {k: _cast_tree(x, dtype) for k, x in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_cast_tree(x, dtype) for x in data)
+    arr = _to_numpy(data)
+    if np.issubdtype(arr.dtype, np.floating):
+        return keras.ops.convert_to_tensor(arr.astype(dtype), dtype=dtype)
+    return keras.ops.convert_to_tensor(arr)
+
+
+class KerasChecker:
+    """A reusable gradient check of one Keras model (the callback keeps one).
+
+    Args:
+        model: A built Keras 3 model.
+        loss: Anything ``model.compile(loss=...)`` accepts; default the model's compiled loss.
+        num_params, mode, dtype, eps, rtol, seed, include, exclude: as :func:`check_gradients`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        loss: Any = None,
+        num_params: int = 32,
+        mode: str = "coordinate",
+        dtype: str | None = "float64",
+        eps: float | None = None,
+        rtol: float | None = None,
+        seed: int = 0,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+    ) -> None:
+        if not isinstance(model, keras.Model):
+            raise ValueError(f"model must be a keras.Model, got {type(model).__name__}")
+        self.num_params = int(v.check_positive_int("num_params", num_params) or 1)
+        self.mode = v.check_mode(mode)
+        dt = v.check_dtype(dtype)
+        self.eps = v.check_positive_float("eps", eps, allow_none=True)
+        self.rtol = v.check_positive_float("rtol", rtol, allow_none=True)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+        inc = v.compile_patterns("include", include)
+        exc = v.compile_patterns("exclude", exclude)
+        if not model.built:
+            raise ValueError("the model is not built: call it on data or build() it first")
+        if loss is None:
+            loss = _compiled_loss(model)
+            if loss is None:
+                raise ValueError(
+                    "the model has no loss: compile it (model.compile(loss=...)) or pass loss=..."
+                )
+        self.model = model
+        self.loss = loss
+        trainable = [w for w in model.trainable_variables if "float" in str(w.dtype)]
+        if not trainable:
+            raise ValueError("the model has no trainable floating-point variables to check")
+        chosen = [i for i, w in enumerate(trainable) if v.selected(w.path, inc, exc)]
+        if not chosen:
+            raise ValueError(
+                f"include/exclude left no variable to check; trainable variables are "
+                f"{[w.path for w in trainable][:10]}"
+            )
+        model_dtype = _model_dtype(model)
+        self.dtype_name = {"float64": "float64", "float32": "float32", None: model_dtype}[dt]
+        if self.dtype_name not in ("float64", "float32"):
+            self.dtype_name = "float32"
+        twin, self.notes = _build_twin(model, loss, self.dtype_name)
+        if twin is model and model_dtype != self.dtype_name:
+            self.dtype_name = model_dtype if model_dtype in ("float64", "float32") else "float32"
+        self.twin = twin
+        if twin is model and not model.compiled:
+            raise ValueError("the model must be compiled (or loss= given and the model clonable)")
+        twin_trainable = [w for w in twin.trainable_variables if "float" in str(w.dtype)]
+        self.names = [trainable[i].path for i in chosen]
+        self.trainable_sources = [trainable[i] for i in chosen]
+        self.checked_twin_vars = [twin_trainable[i] for i in chosen]
+        self.frozen_twin_vars = [w for i, w in enumerate(twin_trainable) if i not in set(chosen)]
+        self.frozen_twin_vars += [w for w in twin.trainable_variables if "float" not in str(w.dtype)]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Checked variable path → shape."""
+        return {n: tuple(w.shape) for n, w in zip(self.names, self.trainable_sources, strict=True)}
+
+    def check(
+        self,
+        x: Any,
+        y: Any = None,
+        sample_weight: Any = None,
+        *,
+        step: int | None = None,
+        tensors: Sequence[int] | None = None,
+        sample_seed: Sequence[int] | int | None = None,
+    ) -> CheckReport:
+        """One check on ``(x, y, sample_weight)``; the model is left exactly as it was."""
+        started = time.perf_counter()
+        rng = np.random.default_rng(self.seed if sample_seed is None else sample_seed)
+        eval_seed = int(rng.integers(2**31))
+        chosen = list(range(len(self.names))) if tensors is None else list(tensors)
+        problem = _Problem(self, x, y, sample_weight, chosen, eval_seed)
+        notes = list(self.notes) + problem.notes
+        if self.mode == "coordinate" and len(chosen) > self.num_params:
+            notes.append(f"{len(chosen)} tensors but num_params={self.num_params}: one coordinate per tensor")
+        report = run_check(
+            problem, tensors=chosen, num_params=self.num_params, mode=self.mode, rng=rng,
+            rtol=self.rtol, eps=self.eps, step=step, notes=notes, started=started,
+        )
+        if all(problem.gradient(t) is None for t in chosen) and not report.failed and not report.events:
+            raise ValueError(
+                "the loss has no gradient path to any checked variable, and finite differences "
+                "show that it does not depend on them either"
+            )
+        return report
+
+
+def check_gradients(
+    model: Any,
+    x: Any,
+    y: Any = None,
+    *,
+    sample_weight: Any = None,
+    loss: Any = None,
+    num_params: int = 32,
+    mode: str = "coordinate",
+    dtype: str | None = "float64",
+    eps: float | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> CheckReport:
+    """Compare a Keras model's autodiff gradients with central finite differences.
+
+    The compiled loss (plus ``model.losses``, as ``compute_loss`` does) is checked, unless
+    ``loss=`` is given. Runs in training mode on a float64 twin with the dropout seed state held
+    fixed; the model's variables, BatchNorm statistics, seed state, metrics and optimizer state are
+    bit-identical afterwards.
+
+    Args:
+        model: A built Keras 3 model.
+        x: Inputs (arrays, tensors, or a dict/list of them).
+        y: Targets.
+        sample_weight: Optional sample weights.
+        loss: Anything ``model.compile(loss=...)`` accepts.
+        num_params, mode, dtype, eps, rtol, seed, include, exclude: as
+            :func:`gradwatch.torch.check_gradients`; ``include``/``exclude`` match variable paths.
+
+    Raises:
+        ValueError: An uncompiled model without ``loss=``, an unbuilt model, bad arguments.
+    """
+    checker = KerasChecker(
+        model, loss=loss, num_params=num_params, mode=mode, dtype=dtype, eps=eps, rtol=rtol,
+        seed=seed, include=include, exclude=exclude,
+    )
+    return checker.check(x, y, sample_weight)
+
+
+def assert_gradients(model: Any, x: Any, y: Any = None, **kwargs: Any) -> CheckReport:
+    """Like :func:`check_gradients`, but raise :class:`~gradwatch.GradientCheckError` on ``fail``."""
+    report = check_gradients(model, x, y, **kwargs)
+    if report.verdict == "fail":
+        raise GradientCheckError(f"gradient check failed\n{report}", report=report)
+    return report
