@@ -471,3 +471,395 @@ def assert_gradients(model: Any, x: Any, y: Any = None, **kwargs: Any) -> CheckR
     if report.verdict == "fail":
         raise GradientCheckError(f"gradient check failed\n{report}", report=report)
     return report
+
+
+# -- the callback ------------------------------------------------------------------------------
+
+
+def _probe_batch(data: Any) -> tuple[Any, Any, Any]:
+    """``(x, y, sample_weight)`` from arrays, a ``tf.data.Dataset`` or a ``keras.utils.PyDataset``."""
+    if isinstance(data, keras.utils.PyDataset):
+        item = data[0]
+    elif type(data).__name__.endswith("Dataset") and hasattr(data, "take"):
+        item = next(iter(data.take(1)))
+    elif isinstance(data, (tuple, list)):
+        item = tuple(data)
+    else:
+        item = (data,)
+    if not isinstance(item, (tuple, list)):
+        item = (item,)
+    item = tuple(item) + (None,) * (3 - len(item))
+    if len(item) > 3:
+        raise ValueError(
+            f"data must be (x, y) or (x, y, sample_weight), got a tuple of {len(item)} items"
+        )
+    return item[0], item[1], item[2]
+
+
+def _check_shapes(model: Any, x: Any) -> None:
+    """``ValueError`` naming the expected and given shapes when probe inputs cannot fit the model."""
+    expected = getattr(model, "input_shape", None)
+    if expected is None or isinstance(x, Mapping):
+        return
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    exp = list(expected) if isinstance(expected, list) else [expected]
+    if len(xs) != len(exp):
+        raise ValueError(f"data= has {len(xs)} inputs but the model expects {len(exp)}")
+    for given, want in zip(xs, exp, strict=True):
+        shape = tuple(np.shape(given))
+        if want is None:
+            continue
+        want_t = tuple(want)
+        if len(shape) != len(want_t) or any(
+            w is not None and w != s for w, s in zip(want_t[1:], shape[1:], strict=False)
+        ):
+            raise ValueError(
+                f"data= does not fit the model: expected inputs of shape {want_t}, got {shape}"
+            )
+
+
+class GradWatch(keras.callbacks.Callback):
+    """Gradient checks and gradient-health monitoring for ``model.fit``.
+
+    Same arguments as :class:`gradwatch.lightning.GradWatch` (see ``docs/keras.md``), plus:
+
+    Args:
+        data: Probe data — ``(x, y)`` / ``(x, y, sample_weight)`` arrays, a ``tf.data.Dataset`` or
+            a ``keras.utils.PyDataset`` (its first batch is used). Without it the callback checks
+            the live training batches (TensorFlow and torch backends).
+        log_dir: TensorBoard summaries go to ``<log_dir>/gradwatch``; ``None`` writes none.
+
+    Example:
+        >>> cb = GradWatch(check_every_n_steps=10, on_explode="halt")
+        >>> cb.get_config()["check_every_n_steps"]
+        10
+    """
+
+    def __init__(
+        self,
+        check_every_n_steps: int | None = None,
+        num_params: int = 32,
+        mode: str = "coordinate",
+        dtype: str | None = "float64",
+        enable_checks: bool = True,
+        enable_norms: bool = True,
+        norm_every_n_steps: int = 1,
+        log_every_n_steps: int | None = None,
+        vanish_threshold: float = 1e-7,
+        explode_threshold: float = 1e3,
+        patience: int = 3,
+        on_mismatch: str = "warn",
+        on_vanish: str = "warn",
+        on_explode: str = "warn",
+        on_nonfinite: str = "halt",
+        max_overhead: float = 0.02,
+        seed: int = 0,
+        eps: float | None = None,
+        rtol: float | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        jsonl_path: str | None = None,
+        data: Any = None,
+        log_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = WatchConfig.create(
+            check_every_n_steps=check_every_n_steps,
+            num_params=num_params,
+            mode=mode,
+            dtype=dtype,
+            enable_checks=enable_checks,
+            enable_norms=enable_norms,
+            norm_every_n_steps=norm_every_n_steps,
+            log_every_n_steps=log_every_n_steps,
+            vanish_threshold=vanish_threshold,
+            explode_threshold=explode_threshold,
+            patience=patience,
+            on_mismatch=on_mismatch,  # type: ignore[arg-type]
+            on_vanish=on_vanish,  # type: ignore[arg-type]
+            on_explode=on_explode,  # type: ignore[arg-type]
+            on_nonfinite=on_nonfinite,  # type: ignore[arg-type]
+            max_overhead=max_overhead,
+            seed=seed,
+            eps=eps,
+            rtol=rtol,
+            include=include if include is None or isinstance(include, str) else tuple(include),
+            exclude=exclude if exclude is None or isinstance(exclude, str) else tuple(exclude),
+            jsonl_path=None if jsonl_path is None else str(jsonl_path),
+        )
+        if log_dir is not None and not isinstance(log_dir, str):
+            log_dir = str(log_dir)
+        self.data = data
+        self.log_dir = log_dir
+        self._watcher = Watcher(self.config)
+        self._sink = TensorBoardSink(f"{log_dir}/gradwatch") if log_dir else None
+        self._checker: KerasChecker | None = None
+        self._checks_on = self.config.enable_checks
+        self._probe: tuple[Any, Any, Any] | None = None
+        self._stash: tuple[Any, Any, Any] | None = None
+        self._norm_names: list[str] = []
+        self._norm_source: Any = None
+        self._due_var: Any = None
+        self._due_now = False
+        self._installed: list[tuple[Any, str]] = []
+        self._step = 0
+        self._t_start = 0.0
+        self._last_norm: float | None = None
+        self._last_error: float | None = None
+        self._warned: set[str] = set()
+        self._log_every = self.config.log_every_n_steps or 50
+
+    # -- records -------------------------------------------------------------------------------
+    @property
+    def reports(self) -> list[CheckReport]:
+        """The latest check reports (bounded)."""
+        return self._watcher.reports
+
+    @property
+    def events(self) -> list[GradientEvent]:
+        """Events so far (bounded)."""
+        return self._watcher.events
+
+    def get_config(self) -> dict[str, Any]:
+        config = self.config.to_dict()
+        config.update(data=None, log_dir=self.log_dir)
+        return config
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+    # -- installation --------------------------------------------------------------------------
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        model = self.model
+        backend = keras.backend.backend()
+        self._step = int(_to_numpy(model.optimizer.iterations)) if model.optimizer else 0
+        shapes = {w.path: tuple(w.shape) for w in model.trainable_variables}
+        self._watcher.start(shapes)
+        if self.data is not None and self._checks_on:
+            x, y, sw = _probe_batch(self.data)
+            _check_shapes(model, x)
+            self._probe = (x, y, sw)
+        if self._checks_on and self._probe is None and backend == "jax":
+            raise ValueError(
+                "GradWatch on the JAX backend cannot see the training batches (values leave the "
+                "jitted step only through its logs): pass data=(x, y) probe data, or "
+                "enable_checks=False"
+            )
+        if not model.compiled or model.optimizer is None:
+            raise ValueError("GradWatch needs a compiled model (model.compile(optimizer, loss))")
+        if self.config.enable_norms and backend in ("tensorflow", "torch"):
+            self._install_norms(model)
+        elif self.config.enable_norms:
+            self._warn_once(
+                "norms-backend",
+                f"GradWatch: per-step gradient norms are not available on the {backend} backend "
+                f"yet; checks go on",
+            )
+        if self._checks_on and self._probe is None:
+            self._install_capture(model)
+        if self._installed:
+            model.make_train_function(force=True)
+
+    def _install_norms(self, model: Any) -> None:
+        opt = model.optimizer
+        inner = getattr(opt, "inner_optimizer", None) or opt  # LossScaleOptimizer: unscaled grads
+        original = inner.apply
+        backend = keras.backend.backend()
+        n = len(model.trainable_variables)
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            with tf.init_scope():
+                self._norm_source = tf.Variable(tf.zeros([n], tf.float32), trainable=False, name="gradwatch_norms")
+
+        callback = self
+
+        def apply(grads: Any, trainable_variables: Any = None, *args: Any, **kwargs: Any) -> Any:
+            grads = list(grads)
+            variables = list(trainable_variables) if trainable_variables is not None else list(inner._trainable_variables)
+            callback._record_norms(grads, variables)
+            return original(grads, trainable_variables, *args, **kwargs)
+
+        inner.apply = apply
+        self._installed.append((inner, "apply"))
+
+    def _record_norms(self, grads: list[Any], variables: list[Any]) -> None:
+        """Called inside the train step (traced on TensorFlow): one reduction, one stored vector."""
+        self._norm_names = [v.path for v in variables]
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            values = []
+            for g in grads:
+                if g is None:
+                    values.append(tf.constant(0.0, tf.float32))
+                    continue
+                if isinstance(g, tf.IndexedSlices):
+                    unique, inverse = tf.unique(g.indices)
+                    summed = tf.math.unsorted_segment_sum(g.values, inverse, tf.shape(unique)[0])
+                    values.append(tf.cast(tf.norm(summed), tf.float32))
+                else:
+                    values.append(tf.cast(tf.norm(g), tf.float32))
+            stacked = tf.stack(values)
+            if self._norm_source.shape != stacked.shape:
+                return
+            self._norm_source.assign(stacked)
+        else:
+            import torch
+
+            dense = [g for g in grads if g is not None]
+            norms = torch._foreach_norm([g.to_dense() if g.is_sparse else g for g in dense]) if dense else []
+            it = iter(norms)
+            self._norm_source = torch.stack(
+                [next(it).float() if g is not None else torch.zeros(()) for g in grads]
+            ).detach() if grads else None
+
+    def _install_capture(self, model: Any) -> None:
+        original = model.train_step
+        backend = keras.backend.backend()
+        callback = self
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            with tf.init_scope():
+                self._due_var = tf.Variable(False, trainable=False, name="gradwatch_due")
+
+            def train_step(data: Any) -> Any:
+                flat = [tf.convert_to_tensor(t) for t in keras.tree.flatten(data)]
+
+                def stash() -> Any:
+                    def keep(*arrays: Any) -> int:
+                        values = [a.numpy() for a in arrays]
+                        callback._stash = keras.tree.pack_sequence_as(data, values)
+                        return 0
+
+                    return tf.py_function(keep, flat, Tout=tf.int32)
+
+                tf.cond(callback._due_var, stash, lambda: tf.constant(0))
+                return original(data)
+        else:
+
+            def train_step(data: Any) -> Any:
+                if callback._due_now:
+                    callback._stash = keras.tree.map_structure(
+                        lambda t: _to_numpy(t) if t is not None else None, data
+                    )
+                return original(data)
+
+        model.train_step = train_step
+        self._installed.append((model, "train_step"))
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._uninstall()
+        self._flush()
+
+    def _uninstall(self) -> None:
+        if not self._installed:
+            return
+        for obj, name in self._installed:
+            with contextlib.suppress(AttributeError):
+                delattr(obj, name)
+        self._installed = []
+        self.model.train_function = None  # rebuilt by the next fit, without gradwatch
+        if hasattr(self.model, "make_train_function"):
+            self.model.make_train_function(force=True)
+
+    def _flush(self) -> None:
+        self._watcher.flush()
+        if self._sink is not None:
+            self._sink.flush()
+
+    # -- per step ------------------------------------------------------------------------------
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._t_start = time.perf_counter()
+        due = self._checks_on and self._watcher.schedule.due(self._step)
+        if due != self._due_now:
+            self._due_now = due
+            if self._due_var is not None:
+                self._due_var.assign(due)
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        train_seconds = time.perf_counter() - self._t_start
+        index = self._step
+        self._step += 1
+        step = self._step  # optimizer.iterations after the update, as keras.callbacks.TensorBoard
+        meta = self._watcher.meta_once()
+        if meta is not None and self._sink is not None:
+            self._sink.text(tags.META_TAG, json.dumps(meta), step)
+            self._sink.layout()
+        action = Action()
+        events: list[GradientEvent] = []
+        if self._norm_source is not None and index % self.config.norm_every_n_steps == 0:
+            values = np.asarray(_to_numpy(self._norm_source), dtype=np.float64)
+            norms = dict(zip(self._norm_names, values.tolist(), strict=False))
+            if norms:
+                write = index % self._log_every == 0
+                events, action = self._watcher.observe_norms(step, norms, write=write)
+                self._last_norm = global_norm(norms)
+                if write and self._sink is not None:
+                    self._sink.scalars(step, tags.norm_scalars(norms, self._last_norm))
+        if self._due_now:
+            report = self._run_check(step)
+            if report is not None:
+                sub = self._watcher.observe_report(report)
+                action = Action(halt=action.halt or sub.halt, error=action.error or sub.error)
+                events += list(report.events)
+                self._last_error = report.max_rel_error
+                if self._sink is not None:
+                    self._sink.scalars(step, tags.report_scalars(report))
+        self._watcher.schedule.record_step(train_seconds)
+        if logs is not None:
+            if self._last_norm is not None:
+                logs["gradwatch_grad_norm"] = self._last_norm
+            if self._last_error is not None:
+                logs["gradwatch_rel_error"] = self._last_error
+        if self._sink is not None:
+            for e in events:
+                self._sink.text(tags.EVENTS_TAG, tags.event_text(e), e.step)
+        if action.error is not None:
+            self._uninstall()
+            self._flush()
+            raise action.error
+        if action.halt:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is not None:
+            if self._last_norm is not None:
+                logs["gradwatch_grad_norm"] = self._last_norm
+            if self._last_error is not None:
+                logs["gradwatch_rel_error"] = self._last_error
+
+    def _run_check(self, step: int) -> CheckReport | None:
+        started = time.perf_counter()
+        batch = self._probe if self._probe is not None else self._stash
+        self._stash = None
+        if batch is None:
+            return None
+        x, y, sw = (tuple(batch) + (None, None, None))[:3] if isinstance(batch, tuple) else (batch, None, None)
+        report = None
+        try:
+            if self._checker is None:
+                self._checker = KerasChecker(
+                    self.model, num_params=self.config.num_params, mode=self.config.mode,
+                    dtype=self.config.dtype, eps=self.config.eps, rtol=self.config.rtol,
+                    seed=self.config.seed, include=self.config.include, exclude=self.config.exclude,
+                )
+            report = self._checker.check(
+                x, y, sw, step=step,
+                tensors=self._watcher.tensors_for_check(len(self._checker.names)),
+                sample_seed=(self.config.seed, step),
+            )
+        except Exception as exc:  # noqa: BLE001 - never stop training for a check
+            self._checks_on = False
+            self._warn_once(
+                "check-error",
+                f"GradWatch: the gradient check at step {step} failed ({type(exc).__name__}: {exc}); "
+                f"checks are switched off, norms go on",
+            )
+        self._watcher.schedule.record_check(time.perf_counter() - started)
+        return report
