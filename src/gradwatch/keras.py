@@ -260,17 +260,7 @@ class _Problem:
         self.evaluations = 1
 
     def _loss(self, values: Sequence[Any]) -> Any:
-        twin = self.c.twin
-        mapping = list(zip(self.c.checked_twin_vars, values, strict=True))
-        mapping += list(zip(self.c.frozen_twin_vars, self._frozen_trainable, strict=True))
-        mapping += list(zip(twin.non_trainable_variables, self._ntr, strict=True))
-        mapping += [(m, m.value) for m in twin.metrics_variables]
-        with _floatx(self.c.dtype_name), keras.StatelessScope(state_mapping=mapping):
-            y_pred = twin(self.x, training=True)
-            loss = twin.compute_loss(
-                x=self.x, y=self.y, y_pred=y_pred, sample_weight=self.sample_weight, training=True
-            )
-        return loss
+        return self.c.loss_at(list(values), self._frozen_trainable, self._ntr, self.x, self.y, self.sample_weight)
 
     names = property(lambda self: self._names)
     shapes = property(lambda self: self._shapes)
@@ -386,6 +376,39 @@ class KerasChecker:
         self.checked_twin_vars = [twin_trainable[i] for i in chosen]
         self.frozen_twin_vars = [w for i, w in enumerate(twin_trainable) if i not in set(chosen)]
         self.frozen_twin_vars += [w for w in twin.trainable_variables if "float" not in str(w.dtype)]
+
+        self.traces = 0
+        self._compiled: Any = None
+
+    def _loss_eager(
+        self, values: list[Any], frozen: list[Any], ntr: list[Any], x: Any, y: Any, sw: Any
+    ) -> Any:
+        self.traces += 1
+        twin = self.twin
+        mapping = list(zip(self.checked_twin_vars, values, strict=True))
+        mapping += list(zip(self.frozen_twin_vars, frozen, strict=True))
+        mapping += list(zip(twin.non_trainable_variables, ntr, strict=True))
+        mapping += [(m, m.value) for m in twin.metrics_variables]
+        with _floatx(self.dtype_name), keras.StatelessScope(state_mapping=mapping):
+            y_pred = twin(x, training=True)
+            loss = twin.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw, training=True)
+        return loss
+
+    def loss_at(
+        self, values: list[Any], frozen: list[Any], ntr: list[Any], x: Any, y: Any, sw: Any
+    ) -> Any:
+        """The twin's training loss at the given values; compiled once on TensorFlow.
+
+        Parameter values and data are arguments of one ``tf.function``, so new coordinates, new
+        values and new batches of the same shape reuse the trace (``traces`` counts them).
+        """
+        if keras.backend.backend() != "tensorflow":
+            return self._loss_eager(values, frozen, ntr, x, y, sw)
+        if self._compiled is None:
+            import tensorflow as tf
+
+            self._compiled = tf.function(self._loss_eager, reduce_retracing=True)
+        return self._compiled(values, frozen, ntr, x, y, sw)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -635,6 +658,8 @@ class GradWatch(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         model = self.model
         backend = keras.backend.backend()
+        self._due_now = False
+        self._stash = None
         self._step = int(_to_numpy(model.optimizer.iterations)) if model.optimizer else 0
         shapes = {w.path: tuple(w.shape) for w in model.trainable_variables}
         self._watcher.start(shapes)
