@@ -40,12 +40,33 @@ class StopGradDense(keras.layers.Dense):
 def buggy(kind):
     """(model, expected event kind, param path suffix)."""
     if kind == "stop_gradient":
-        return compiled(keras.Sequential([
-            keras.Input((12,)), StopGradDense(16, name="cut"), keras.layers.Activation("tanh"),
-            keras.layers.Dense(4, name="head"),
-        ])), "disconnected", "cut/kernel"
+        return (
+            compiled(
+                keras.Sequential(
+                    [
+                        keras.Input((12,)),
+                        StopGradDense(16, name="cut"),
+                        keras.layers.Activation("tanh"),
+                        keras.layers.Dense(4, name="head"),
+                    ]
+                )
+            ),
+            "disconnected",
+            "cut/kernel",
+        )
     scale = {"scaled": 0.9, "sign": -1.0}[kind]
-    return compiled(keras.Sequential([
-        keras.Input((12,)), keras.layers.Dense(16, name="first"), ScaledGrad(scale),
-        keras.layers.Activation("tanh"), keras.layers.Dense(4, name="head"),
-    ])), "mismatch", "first/kernel"
+    return (
+        compiled(
+            keras.Sequential(
+                [
+                    keras.Input((12,)),
+                    keras.layers.Dense(16, name="first"),
+                    ScaledGrad(scale),
+                    keras.layers.Activation("tanh"),
+                    keras.layers.Dense(4, name="head"),
+                ]
+            )
+        ),
+        "mismatch",
+        "first/kernel",
+    )

@@ -32,7 +32,9 @@ def opt_state(model):
 
 
 @pytest.mark.parametrize("seed", range(2))
-@pytest.mark.parametrize(("name", "factory", "kind"), km.healthy(), ids=[h[0] for h in km.healthy()])
+@pytest.mark.parametrize(
+    ("name", "factory", "kind"), km.healthy(), ids=[h[0] for h in km.healthy()]
+)
 def test_healthy_models_never_fail(seed, name, factory, kind):
     keras.utils.set_random_seed(seed)
     model = factory()
@@ -63,7 +65,9 @@ def test_injected_bugs_fail_in_every_seed(kind):
         x, y = km.data("mlp", seed)
         report = check_gradients(model, x, y, seed=seed)
         assert report.verdict == "fail", str(report)
-        assert any(e.kind == event_kind and e.param.endswith(param) for e in report.events), str(report)
+        assert any(e.kind == event_kind and e.param.endswith(param) for e in report.events), str(
+            report
+        )
     with pytest.raises(GradientCheckError):
         assert_gradients(model, x, y)
 
@@ -102,8 +106,12 @@ def test_uncompiled_model_without_loss_is_value_error():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"num_params": 0}, "num_params"), ({"mode": "x"}, "mode must be one of"),
-     ({"dtype": "int8"}, "dtype must be one of"), ({"include": "nothing"}, "include/exclude")],
+    [
+        ({"num_params": 0}, "num_params"),
+        ({"mode": "x"}, "mode must be one of"),
+        ({"dtype": "int8"}, "dtype must be one of"),
+        ({"include": "nothing"}, "include/exclude"),
+    ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -120,7 +128,14 @@ def test_callback_healthy_run_logs_and_reports(tmp_path):
     cb = GradWatch(check_every_n_steps=3, log_dir=str(tmp_path), log_every_n_steps=1)
     hist = model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0)
     assert cb.events == []
-    assert [r.step for r in cb.reports] == [1, 4, 7, 10, 13, 16]  # optimizer.iterations after update
+    assert [r.step for r in cb.reports] == [
+        1,
+        4,
+        7,
+        10,
+        13,
+        16,
+    ]  # optimizer.iterations after update
     assert all(r.verdict == "pass" for r in cb.reports)
     assert "gradwatch_grad_norm" in hist.history and "gradwatch_rel_error" in hist.history
     from gradwatch.inspect import load
@@ -137,7 +152,12 @@ def test_callback_mismatch_event_halt_and_raise():
     model, _, _ = buggy("scaled")
     cb = GradWatch(check_every_n_steps=4, on_mismatch="ignore")
     model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
-    assert {e.kind for e in cb.events} == {"mismatch"} and [r.step for r in cb.reports] == [1, 5, 9, 13]
+    assert {e.kind for e in cb.events} == {"mismatch"} and [r.step for r in cb.reports] == [
+        1,
+        5,
+        9,
+        13,
+    ]
 
     model, _, _ = buggy("sign")
     cb = GradWatch(check_every_n_steps=4, on_mismatch="halt")
@@ -146,14 +166,20 @@ def test_callback_mismatch_event_halt_and_raise():
 
     model, _, _ = buggy("stop_gradient")
     with pytest.raises(GradientCheckError, match="disconnected"):
-        model.fit(x, y, batch_size=16, epochs=1, callbacks=[GradWatch(on_mismatch="raise")], verbose=0)
-    assert not hasattr(model, "train_step") or "gradwatch" not in repr(model.__dict__.get("train_step"))
+        model.fit(
+            x, y, batch_size=16, epochs=1, callbacks=[GradWatch(on_mismatch="raise")], verbose=0
+        )
+    assert not hasattr(model, "train_step") or "gradwatch" not in repr(
+        model.__dict__.get("train_step")
+    )
 
 
 def test_callback_warns_by_default():
     model, _, _ = buggy("sign")
     with pytest.warns(GradientHealthWarning, match="mismatch"):
-        model.fit(*km.data("mlp", n=32), batch_size=16, epochs=1, callbacks=[GradWatch()], verbose=0)
+        model.fit(
+            *km.data("mlp", n=32), batch_size=16, epochs=1, callbacks=[GradWatch()], verbose=0
+        )
 
 
 def test_probe_data_forms(tmp_path):
@@ -177,8 +203,12 @@ def test_probe_data_forms(tmp_path):
 def test_probe_data_that_does_not_fit_is_value_error_at_train_begin():
     model = km.mlp()
     with pytest.raises(ValueError, match=r"expected inputs of shape \(None, 12\), got \(4, 7\)"):
-        model.fit(*km.data("mlp"), epochs=1, verbose=0,
-                  callbacks=[GradWatch(data=(np.ones((4, 7), "float32"), np.zeros(4)))])
+        model.fit(
+            *km.data("mlp"),
+            epochs=1,
+            verbose=0,
+            callbacks=[GradWatch(data=(np.ones((4, 7), "float32"), np.zeros(4)))],
+        )
 
 
 def test_vanishing_and_exploding():
@@ -216,7 +246,9 @@ def test_embedding_gradients_give_finite_norms():
     keras.utils.set_random_seed(0)
     model = km.rnn()
     x, y = km.data("seq", n=64)
-    hist = model.fit(x, y, batch_size=16, epochs=1, callbacks=[GradWatch(check_every_n_steps=2)], verbose=0)
+    hist = model.fit(
+        x, y, batch_size=16, epochs=1, callbacks=[GradWatch(check_every_n_steps=2)], verbose=0
+    )
     assert np.isfinite(hist.history["gradwatch_grad_norm"][-1])
 
 
@@ -234,8 +266,14 @@ def test_constructor_validation_and_config():
 def test_weights_bit_identical_with_and_without_callback(tmp_path):
     """Process-wide op determinism: in a subprocess."""
     script = ROOT / "tests" / "keras_determinism.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["checks"] >= 3 and result["identical"], result

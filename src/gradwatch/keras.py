@@ -55,15 +55,40 @@ def _retype(layer: Any, dtype: str) -> Any:
     return layer.__class__.from_config(config)
 
 
-class _FunctionLoss(keras.losses.Loss):
+class _FunctionLoss(keras.losses.Loss):  # type: ignore[misc]
     """A loss function as a ``Loss`` object with an explicit dtype (inputs are cast to it)."""
 
-    def __init__(self, fn: Callable[..., Any], dtype: str) -> None:
-        super().__init__(name=getattr(fn, "__name__", "loss"), dtype=dtype)
+    def __init__(self, fn: Callable[..., Any], dtype: str, reduction: str | None = "none") -> None:
+        super().__init__(name=getattr(fn, "__name__", "loss"), dtype=dtype, reduction=reduction)
         self.fn = fn
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         return self.fn(y_true, y_pred)
+
+
+class _Reduced(keras.losses.Loss):  # type: ignore[misc]
+    """Reduces an unreduced loss itself, in its dtype.
+
+    Keras 3.15 reduces ``sum_over_batch_size`` with ``ops.divide_no_nan``, which returns float32
+    for float64 inputs on the torch backend; a plain division keeps float64 everywhere.
+    """
+
+    def __init__(self, inner: keras.losses.Loss, reduction: str | None, dtype: str) -> None:
+        super().__init__(name=inner.name, dtype=dtype, reduction=None)
+        self.inner = inner
+        self.mode = reduction or "none"
+
+    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+        values = self.inner(y_true, y_pred, sample_weight)
+        if self.mode == "none" or len(values.shape) == 0:
+            return values
+        total = keras.ops.sum(values)
+        if self.mode == "sum":
+            return total
+        if self.mode == "mean_with_sample_weight" and sample_weight is not None:
+            weights = keras.ops.cast(keras.ops.sum(sample_weight), total.dtype)
+            return total / weights
+        return total / float(max(1, math.prod(int(d) for d in values.shape)))
 
 
 def _loss_in(loss: Any, dtype: str) -> Any:
@@ -77,13 +102,15 @@ def _loss_in(loss: Any, dtype: str) -> Any:
     obj = keras.losses.get(loss) if isinstance(loss, str) else loss
     if isinstance(obj, keras.losses.Loss):
         config = obj.get_config()
-        config["dtype"] = dtype
+        reduction = config.get("reduction", "sum_over_batch_size")
+        config.update(dtype=dtype, reduction="none")
         try:
-            return obj.__class__.from_config(config)
-        except Exception:  # noqa: BLE001 - a custom Loss without a full config
-            return _FunctionLoss(obj, dtype)
+            inner = obj.__class__.from_config(config)
+        except Exception:
+            return _Reduced(_FunctionLoss(obj, dtype, reduction=None), "none", dtype)
+        return _Reduced(inner, reduction, dtype)
     if callable(obj):
-        return _FunctionLoss(obj, dtype)
+        return _Reduced(_FunctionLoss(obj, dtype), "sum_over_batch_size", dtype)
     raise ValueError(f"loss must be anything model.compile(loss=...) accepts, got {loss!r}")
 
 
@@ -97,16 +124,18 @@ def _build_twin(model: Any, loss: Any, dtype: str) -> tuple[Any, list[str]]:
     twin = model
     if dtype != _model_dtype(model):
         try:
-            twin = keras.models.clone_model(model, clone_function=lambda layer: _retype(layer, dtype))
+            twin = keras.models.clone_model(
+                model, clone_function=lambda layer: _retype(layer, dtype)
+            )
             if not twin.built:
                 twin.build(model.input_shape if hasattr(model, "input_shape") else None)
             if len(twin.weights) != len(model.weights):
                 raise ValueError("the clone has different weights")
-        except Exception as exc:  # noqa: BLE001 - fall back, never fail
+        except Exception as exc:
             twin = model
             note = (
                 f"the model could not be cloned in {dtype} ({type(exc).__name__}: {exc}); checked "
-                f"in {_model_dtype(model)} instead, where bugs smaller than about 25% of a "
+                f"in {_model_dtype(model)} instead, where bugs smaller than about 40% of a "
                 f"gradient are invisible"
             )
             notes.append(note)
@@ -128,7 +157,7 @@ def _build_twin(model: Any, loss: Any, dtype: str) -> tuple[Any, list[str]]:
 def _model_dtype(model: Any) -> str:
     for w in model.trainable_weights:
         return str(w.dtype)
-    return keras.config.floatx()
+    return str(keras.config.floatx())
 
 
 # -- backend-specific gradient -----------------------------------------------------------------
@@ -176,7 +205,9 @@ def _value_and_grad(
 
         loss, grads = jax.value_and_grad(lambda vals: fn(list(vals)))(tuple(values))
         return float(loss), [np.asarray(g) for g in grads]
-    raise ValueError(f"gradwatch.keras supports the tensorflow, torch and jax backends, not {backend!r}")
+    raise ValueError(
+        f"gradwatch.keras supports the tensorflow, torch and jax backends, not {backend!r}"
+    )
 
 
 @contextlib.contextmanager
@@ -228,10 +259,14 @@ class _Problem:
             keras.ops.convert_to_tensor(
                 np.asarray(_to_numpy(src.value)).astype(dst.dtype, copy=False), dtype=dst.dtype
             )
-            for src, dst in zip(checker.model.non_trainable_variables, twin.non_trainable_variables, strict=True)
+            for src, dst in zip(
+                checker.model.non_trainable_variables, twin.non_trainable_variables, strict=True
+            )
         ]
         self._frozen_trainable = [
-            keras.ops.convert_to_tensor(np.asarray(_to_numpy(w.value)).astype(w.dtype), dtype=w.dtype)
+            keras.ops.convert_to_tensor(
+                np.asarray(_to_numpy(w.value)).astype(w.dtype), dtype=w.dtype
+            )
             for w in checker.frozen_twin_vars
         ]
         self.x = _cast_tree(x, dtype)
@@ -243,7 +278,18 @@ class _Problem:
         probe = [keras.ops.convert_to_tensor(a, dtype=dtype) for a in self._values]
         with _torch_rng(eval_seed):
             probe_loss = float(_to_numpy(self._loss(probe)))
-        if dtype == "float64" and probe_loss != 0.0 and float(np.float32(probe_loss)) == probe_loss:
+        if dtype == "float64" and keras.backend.backend() == "torch":
+            # Measured with Keras 3.15: on the torch backend the float64 twin's loss carries noise
+            # of float32 size (about 1e-7 relative): finite differences at a float64 step would
+            # be noise. Step and judge as in float32.
+            self.precision = "float32"
+            self.notes.append(
+                "on Keras' torch backend the loss has float32-grade noise, so this check runs "
+                "with float32 steps and tolerances: only gross bugs are visible"
+            )
+        elif (
+            dtype == "float64" and probe_loss != 0.0 and float(np.float32(probe_loss)) == probe_loss
+        ):
             # A float64 loss that is exactly a float32 number was rounded to float32 on the way
             # (the torch backend's loss reduction in Keras 3.15 does this; the chance that a true
             # float64 value lands on the float32 grid is about 2**-29). Judge the check as a
@@ -260,7 +306,9 @@ class _Problem:
         self.evaluations = 1
 
     def _loss(self, values: Sequence[Any]) -> Any:
-        return self.c.loss_at(list(values), self._frozen_trainable, self._ntr, self.x, self.y, self.sample_weight)
+        return self.c.loss_at(
+            list(values), self._frozen_trainable, self._ntr, self.x, self.y, self.sample_weight
+        )
 
     names = property(lambda self: self._names)
     shapes = property(lambda self: self._shapes)
@@ -375,7 +423,9 @@ class KerasChecker:
         self.trainable_sources = [trainable[i] for i in chosen]
         self.checked_twin_vars = [twin_trainable[i] for i in chosen]
         self.frozen_twin_vars = [w for i, w in enumerate(twin_trainable) if i not in set(chosen)]
-        self.frozen_twin_vars += [w for w in twin.trainable_variables if "float" not in str(w.dtype)]
+        self.frozen_twin_vars += [
+            w for w in twin.trainable_variables if "float" not in str(w.dtype)
+        ]
 
         self.traces = 0
         self._compiled: Any = None
@@ -433,12 +483,26 @@ class KerasChecker:
         problem = _Problem(self, x, y, sample_weight, chosen, eval_seed)
         notes = list(self.notes) + problem.notes
         if self.mode == "coordinate" and len(chosen) > self.num_params:
-            notes.append(f"{len(chosen)} tensors but num_params={self.num_params}: one coordinate per tensor")
+            notes.append(
+                f"{len(chosen)} tensors but num_params={self.num_params}: one coordinate per tensor"
+            )
         report = run_check(
-            problem, tensors=chosen, num_params=self.num_params, mode=self.mode, rng=rng,
-            rtol=self.rtol, eps=self.eps, step=step, notes=notes, started=started,
+            problem,
+            tensors=chosen,
+            num_params=self.num_params,
+            mode=self.mode,
+            rng=rng,
+            rtol=self.rtol,
+            eps=self.eps,
+            step=step,
+            notes=notes,
+            started=started,
         )
-        if all(problem.gradient(t) is None for t in chosen) and not report.failed and not report.events:
+        if (
+            all(problem.gradient(t) is None for t in chosen)
+            and not report.failed
+            and not report.events
+        ):
             raise ValueError(
                 "the loss has no gradient path to any checked variable, and finite differences "
                 "show that it does not depend on them either"
@@ -482,8 +546,16 @@ def check_gradients(
         ValueError: An uncompiled model without ``loss=``, an unbuilt model, bad arguments.
     """
     checker = KerasChecker(
-        model, loss=loss, num_params=num_params, mode=mode, dtype=dtype, eps=eps, rtol=rtol,
-        seed=seed, include=include, exclude=exclude,
+        model,
+        loss=loss,
+        num_params=num_params,
+        mode=mode,
+        dtype=dtype,
+        eps=eps,
+        rtol=rtol,
+        seed=seed,
+        include=include,
+        exclude=exclude,
     )
     return checker.check(x, y, sample_weight)
 
@@ -541,7 +613,7 @@ def _check_shapes(model: Any, x: Any) -> None:
             )
 
 
-class GradWatch(keras.callbacks.Callback):
+class GradWatch(keras.callbacks.Callback):  # type: ignore[misc]
     """Gradient checks and gradient-health monitoring for ``model.fit``.
 
     Same arguments as :class:`gradwatch.lightning.GradWatch` (see ``docs/keras.md``), plus:
@@ -698,13 +770,19 @@ class GradWatch(keras.callbacks.Callback):
             import tensorflow as tf
 
             with tf.init_scope():
-                self._norm_source = tf.Variable(tf.zeros([n], tf.float32), trainable=False, name="gradwatch_norms")
+                self._norm_source = tf.Variable(
+                    tf.zeros([n], tf.float32), trainable=False, name="gradwatch_norms"
+                )
 
         callback = self
 
         def apply(grads: Any, trainable_variables: Any = None, *args: Any, **kwargs: Any) -> Any:
             grads = list(grads)
-            variables = list(trainable_variables) if trainable_variables is not None else list(inner._trainable_variables)
+            variables = (
+                list(trainable_variables)
+                if trainable_variables is not None
+                else list(inner._trainable_variables)
+            )
             callback._record_norms(grads, variables)
             return original(grads, trainable_variables, *args, **kwargs)
 
@@ -737,11 +815,19 @@ class GradWatch(keras.callbacks.Callback):
             import torch
 
             dense = [g for g in grads if g is not None]
-            norms = torch._foreach_norm([g.to_dense() if g.is_sparse else g for g in dense]) if dense else []
+            norms = (
+                torch._foreach_norm([g.to_dense() if g.is_sparse else g for g in dense])
+                if dense
+                else []
+            )
             it = iter(norms)
-            self._norm_source = torch.stack(
-                [next(it).float() if g is not None else torch.zeros(()) for g in grads]
-            ).detach() if grads else None
+            self._norm_source = (
+                torch.stack(
+                    [next(it).float() if g is not None else torch.zeros(()) for g in grads]
+                ).detach()
+                if grads
+                else None
+            )
 
     def _install_capture(self, model: Any) -> None:
         original = model.train_step
@@ -865,21 +951,33 @@ class GradWatch(keras.callbacks.Callback):
         self._stash = None
         if batch is None:
             return None
-        x, y, sw = (tuple(batch) + (None, None, None))[:3] if isinstance(batch, tuple) else (batch, None, None)
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(
+            tuple(batch) if isinstance(batch, list) else batch
+        )
         report = None
         try:
-            if self._checker is None:
+            model = self.model  # on JAX, Callback.model syncs the variables out of the jitted state
+            if self._checker is None or self._checker.model is not model:
                 self._checker = KerasChecker(
-                    self.model, num_params=self.config.num_params, mode=self.config.mode,
-                    dtype=self.config.dtype, eps=self.config.eps, rtol=self.config.rtol,
-                    seed=self.config.seed, include=self.config.include, exclude=self.config.exclude,
+                    model,
+                    num_params=self.config.num_params,
+                    mode=self.config.mode,
+                    dtype=self.config.dtype,
+                    eps=self.config.eps,
+                    rtol=self.config.rtol,
+                    seed=self.config.seed,
+                    include=self.config.include,
+                    exclude=self.config.exclude,
                 )
             report = self._checker.check(
-                x, y, sw, step=step,
+                x,
+                y,
+                sw,
+                step=step,
                 tensors=self._watcher.tensors_for_check(len(self._checker.names)),
                 sample_seed=(self.config.seed, step),
             )
-        except Exception as exc:  # noqa: BLE001 - never stop training for a check
+        except Exception as exc:
             self._checks_on = False
             self._warn_once(
                 "check-error",

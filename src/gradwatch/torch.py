@@ -541,9 +541,9 @@ def check_gradients(
         num_params: Coordinates in all (at least one per tensor).
         mode: ``"coordinate"`` or ``"directional"``.
         dtype: ``"float64"`` (default, a float64 copy), ``"float32"`` or ``None`` (the model's
-            dtype, in place): float32 cannot see bugs smaller than about 25% of a gradient.
+            dtype, in place): float32 cannot see bugs smaller than about 40% of a gradient.
         eps: Replaces ``cbrt(eps_machine)`` in the step ``h = eps * max(1, |θ|)``.
-        rtol: Tolerance (default 1e-3 in float64, 0.25 aggregate in float32).
+        rtol: Tolerance (default 1e-3 in float64, 0.4 aggregate in float32).
         seed: Seed of the private sampling generator.
         include: Regular expression(s) on parameter names to check.
         exclude: Regular expression(s) on parameter names to skip.

@@ -126,7 +126,7 @@ def test_nonfinite_gradient_gives_a_nonfinite_event_not_a_crash():
 
 def test_float32_is_judged_in_aggregate_and_says_so():
     ok = run_check(NumpyProblem(1, dtype=np.float32), num_params=8, rng=np.random.default_rng(0))
-    assert ok.verdict == "pass" and ok.rtol == 0.25
+    assert ok.verdict == "pass" and ok.rtol == 0.4
     assert any("float32" in n for n in ok.notes)
     bad = run_check(
         NumpyProblem(1, dtype=np.float32, grad_scale={0: -1.0}),

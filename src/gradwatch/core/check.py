@@ -242,7 +242,7 @@ def run_check(
             break
         evaluations += _measure(problem, info, pending, base, dtype, tol, eps)
         suspects = [e for e in pending if e.candidate]
-        if suspects and not tol.aggregate:
+        if suspects:
             evaluations += _confirm(problem, info, suspects, base, dtype, tol, eps)
         done.extend(pending)
         if round_no == MAX_RESAMPLE_ROUNDS:
@@ -376,7 +376,7 @@ def _confirm(
         half = fd.central_difference(lp, lm, takens[k])
         if fd.is_kink(e.numeric, half, e.floor, tol.kink_tol):
             e.status, e.rel = "kink", None
-        else:
+        elif not tol.aggregate:  # low precision: the tensor's aggregate decides (_judge_aggregate)
             e.status = "disconnected" if info[e.tensor].all_zero else "mismatch"
     return len(perts)
 
