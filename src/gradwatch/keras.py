@@ -37,7 +37,7 @@ from gradwatch.core.policy import Action
 from gradwatch.errors import GradientCheckError
 from gradwatch.report import CheckReport, GradientEvent
 from gradwatch.sinks import TensorBoardSink
-from gradwatch.watch import WatchConfig, Watcher, global_norm
+from gradwatch.watch import WatchConfig, Watcher, WatchRecords, global_norm
 
 __all__ = ["GradWatch", "KerasChecker", "assert_gradients", "check_gradients"]
 
@@ -613,7 +613,7 @@ def _check_shapes(model: Any, x: Any) -> None:
             )
 
 
-class GradWatch(keras.callbacks.Callback):  # type: ignore[misc]
+class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
     """Gradient checks and gradient-health monitoring for ``model.fit``.
 
     Same arguments as :class:`gradwatch.lightning.GradWatch` (see ``docs/keras.md``), plus:
@@ -658,30 +658,7 @@ class GradWatch(keras.callbacks.Callback):  # type: ignore[misc]
         log_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.config = WatchConfig.create(
-            check_every_n_steps=check_every_n_steps,
-            num_params=num_params,
-            mode=mode,
-            dtype=dtype,
-            enable_checks=enable_checks,
-            enable_norms=enable_norms,
-            norm_every_n_steps=norm_every_n_steps,
-            log_every_n_steps=log_every_n_steps,
-            vanish_threshold=vanish_threshold,
-            explode_threshold=explode_threshold,
-            patience=patience,
-            on_mismatch=on_mismatch,  # type: ignore[arg-type]
-            on_vanish=on_vanish,  # type: ignore[arg-type]
-            on_explode=on_explode,  # type: ignore[arg-type]
-            on_nonfinite=on_nonfinite,  # type: ignore[arg-type]
-            max_overhead=max_overhead,
-            seed=seed,
-            eps=eps,
-            rtol=rtol,
-            include=include if include is None or isinstance(include, str) else tuple(include),
-            exclude=exclude if exclude is None or isinstance(exclude, str) else tuple(exclude),
-            jsonl_path=None if jsonl_path is None else str(jsonl_path),
-        )
+        self.config = WatchConfig.from_arguments(locals())
         if log_dir is not None and not isinstance(log_dir, str):
             log_dir = str(log_dir)
         self.data = data
@@ -705,26 +682,10 @@ class GradWatch(keras.callbacks.Callback):  # type: ignore[misc]
         self._log_every = self.config.log_every_n_steps or 50
 
     # -- records -------------------------------------------------------------------------------
-    @property
-    def reports(self) -> list[CheckReport]:
-        """The latest check reports (bounded)."""
-        return self._watcher.reports
-
-    @property
-    def events(self) -> list[GradientEvent]:
-        """Events so far (bounded)."""
-        return self._watcher.events
-
     def get_config(self) -> dict[str, Any]:
         config = self.config.to_dict()
         config.update(data=None, log_dir=self.log_dir)
         return config
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning(message)
-            warnings.warn(message, UserWarning, stacklevel=3)
 
     # -- installation --------------------------------------------------------------------------
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:

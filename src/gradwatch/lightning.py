@@ -22,7 +22,6 @@ import logging
 import math
 import time
 import types
-import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -39,7 +38,7 @@ from gradwatch.core.policy import Action
 from gradwatch.core.schedule import BudgetSchedule
 from gradwatch.report import CheckReport, GradientEvent
 from gradwatch.torch import TorchChecker, _uncastable, clean_name
-from gradwatch.watch import WatchConfig, Watcher, global_norm
+from gradwatch.watch import WatchConfig, Watcher, WatchRecords, global_norm
 
 __all__ = ["GradWatch"]
 
@@ -86,7 +85,7 @@ def _plain_batch_norm(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) ->
     )
 
 
-class GradWatch(Callback):
+class GradWatch(WatchRecords, Callback):
     """Gradient checks and gradient-health monitoring for a Lightning ``Trainer``.
 
     Args:
@@ -145,30 +144,7 @@ class GradWatch(Callback):
         loss_fn: Callable[[LightningModule, Any], Any] | None = None,
     ) -> None:
         super().__init__()
-        self.config = WatchConfig.create(
-            check_every_n_steps=check_every_n_steps,
-            num_params=num_params,
-            mode=mode,
-            dtype=dtype,
-            enable_checks=enable_checks,
-            enable_norms=enable_norms,
-            norm_every_n_steps=norm_every_n_steps,
-            log_every_n_steps=log_every_n_steps,
-            vanish_threshold=vanish_threshold,
-            explode_threshold=explode_threshold,
-            patience=patience,
-            on_mismatch=on_mismatch,  # type: ignore[arg-type]
-            on_vanish=on_vanish,  # type: ignore[arg-type]
-            on_explode=on_explode,  # type: ignore[arg-type]
-            on_nonfinite=on_nonfinite,  # type: ignore[arg-type]
-            max_overhead=max_overhead,
-            seed=seed,
-            eps=eps,
-            rtol=rtol,
-            include=include if include is None or isinstance(include, str) else tuple(include),
-            exclude=exclude if exclude is None or isinstance(exclude, str) else tuple(exclude),
-            jsonl_path=None if jsonl_path is None else str(jsonl_path),
-        )
+        self.config = WatchConfig.from_arguments(locals())
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable as loss_fn(module, batch), got {loss_fn!r}")
         self.loss_fn = loss_fn
@@ -189,21 +165,6 @@ class GradWatch(Callback):
 
     # -- public records ------------------------------------------------------------------------
     @property
-    def reports(self) -> list[CheckReport]:
-        """The latest check reports (bounded)."""
-        return self._watcher.reports
-
-    @property
-    def events(self) -> list[GradientEvent]:
-        """Events so far (bounded; ``events_dropped`` counts the rest)."""
-        return self._watcher.events
-
-    @property
-    def events_dropped(self) -> int:
-        """Events beyond the in-memory cap."""
-        return self._watcher.events_dropped
-
-    @property
     def skipped_steps(self) -> int:
         """Optimizer steps the GradScaler skipped (overflowing gradients under ``16-mixed``)."""
         return self._watcher.skipped_steps
@@ -219,13 +180,6 @@ class GradWatch(Callback):
         )
 
     # -- helpers -------------------------------------------------------------------------------
-    def _warn_once(self, key: str, message: str) -> None:
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        logger.warning(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
-
     @staticmethod
     def _step(trainer: Trainer) -> int:
         loop = getattr(trainer.fit_loop, "epoch_loop", None)

@@ -7,7 +7,9 @@ callback's business (its logger), except the JSON-lines file, which the watcher 
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -21,7 +23,9 @@ from gradwatch.core.schedule import Schedule, make_schedule
 from gradwatch.report import CheckReport, GradientEvent
 from gradwatch.sinks import JsonlSink
 
-__all__ = ["MAX_EVENTS", "MAX_REPORTS", "WatchConfig", "Watcher"]
+__all__ = ["MAX_EVENTS", "MAX_REPORTS", "WatchConfig", "WatchRecords", "Watcher"]
+
+logger = logging.getLogger("gradwatch")
 
 #: Reports kept in memory (the latest); events kept (the first), with a count of the rest.
 MAX_REPORTS = 100
@@ -104,6 +108,23 @@ class WatchConfig:
             raise ValueError(f"jsonl_path must be a path string or None, got {c.jsonl_path!r}")
         return c
 
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any]) -> WatchConfig:
+        """Validated config from a callback's constructor arguments (extra keys are ignored).
+
+        Sequences of patterns become tuples and paths become strings, so the config stays hashable
+        and serialisable.
+        """
+        names = set(cls.__dataclass_fields__)
+        kwargs = {k: v for k, v in arguments.items() if k in names}
+        for key in ("include", "exclude"):
+            value = kwargs.get(key)
+            if value is not None and not isinstance(value, str):
+                kwargs[key] = tuple(value)
+        if kwargs.get("jsonl_path") is not None:
+            kwargs["jsonl_path"] = str(kwargs["jsonl_path"])
+        return cls.create(**kwargs)
+
     @property
     def policies(self) -> dict[str, Policy]:
         """The four policies by argument name."""
@@ -146,6 +167,36 @@ def global_norm(norms: Mapping[str, float]) -> float:
         5.0
     """
     return math.sqrt(sum(float(n) ** 2 for n in norms.values()))
+
+
+class WatchRecords:
+    """What both callbacks expose from their :class:`Watcher` (a mixin; needs ``self._watcher``)."""
+
+    _watcher: Watcher
+    _warned: set[str]
+
+    @property
+    def reports(self) -> list[CheckReport]:
+        """The latest check reports (bounded)."""
+        return self._watcher.reports
+
+    @property
+    def events(self) -> list[GradientEvent]:
+        """Events so far (bounded; ``events_dropped`` counts the rest)."""
+        return self._watcher.events
+
+    @property
+    def events_dropped(self) -> int:
+        """Events beyond the in-memory cap."""
+        return self._watcher.events_dropped
+
+    def _warn_once(self, key: str, message: str) -> None:
+        """One ``UserWarning`` (and a log line) per ``key`` for what gradwatch had to skip."""
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 class Watcher:

@@ -155,3 +155,22 @@ def test_report_is_json_serialisable_and_round_trips():
 def test_unknown_mode_is_a_value_error():
     with pytest.raises(ValueError, match="mode must be one of"):
         run_check(NumpyProblem(0), mode="spiral", rng=np.random.default_rng(0))
+
+
+def test_kink_right_at_the_parameter_is_caught_by_one_sided_slopes():
+    # z = b = 1e-13 sits 2e-8 steps from the kink of |z|: the central estimates at h and h/2
+    # both average the two slopes and agree with each other, but not with autodiff's one side.
+    for seed in range(5):
+        prob = NumpyProblem(seed, kink=True)
+        prob.params[0][:, :] = 0.0
+        prob.params[1][:] = 1e-13
+        r = run_check(prob, tensors=[1], num_params=3, rng=np.random.default_rng(seed))
+        assert r.verdict != "fail", str(r)
+        assert any(e.status == "kink" for e in r.results)
+
+
+def test_one_sided_test_does_not_hide_real_bugs_at_smooth_points():
+    for seed in range(5):
+        prob = NumpyProblem(seed, kink=True, grad_scale={0: 0.9})  # |z| is smooth away from 0
+        r = run_check(prob, num_params=8, rng=np.random.default_rng(seed))
+        assert ("mismatch", "layer.weight") in [(e.kind, e.param) for e in r.events], str(r)

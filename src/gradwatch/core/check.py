@@ -96,6 +96,10 @@ class _Entry:
     status: Status = "ok"
     candidate: bool = False
     replaced: bool = False
+    loss_plus: float = 0.0
+    loss_minus: float = 0.0
+    step_plus: float = 0.0
+    step_minus: float = 0.0
 
 
 @dataclass
@@ -279,7 +283,10 @@ def _plan(
     eps: float | None,
     scale: float,
 ) -> tuple[Perturbation, Perturbation, float, float]:
-    """Perturbations ``±h·scale`` for an entry, the step really taken, and the analytic value."""
+    """Perturbations ``±h·scale`` for an entry, the step really taken, and the analytic value.
+
+    Also records on the entry the one-sided steps ``fl(θ+h) − θ`` and ``θ − fl(θ−h)``.
+    """
     rec = info[e.tensor]
     if rec.values is None:
         rec.values = np.asarray(problem.values(e.tensor))
@@ -288,6 +295,9 @@ def _plan(
         h = fd.step_size(theta, dtype, eps) * scale
         plus, minus = fd.perturbed_values(theta, h, dtype)
         taken = float(plus.astype(np.float64) - minus.astype(np.float64))
+        if scale == 1.0:
+            e.step_plus = float(plus.astype(np.float64)) - theta
+            e.step_minus = theta - float(minus.astype(np.float64))
         analytic = 0.0 if rec.grad is None else float(rec.grad[e.index])
         return (
             Perturbation(e.tensor, e.index, plus),
@@ -302,6 +312,10 @@ def _plan(
     plus, minus = fd.perturbed_values(theta_arr, h * e.direction, dtype)
     moved = plus.astype(np.float64) - minus.astype(np.float64)
     taken = float(np.linalg.norm(moved))
+    if scale == 1.0:
+        base64 = theta_arr.astype(np.float64)
+        e.step_plus = float(np.linalg.norm(plus.astype(np.float64) - base64))
+        e.step_minus = float(np.linalg.norm(base64 - minus.astype(np.float64)))
     analytic = 0.0
     if rec.grad is not None and taken > 0:
         analytic = float(np.dot(rec.grad.astype(np.float64).ravel(), moved.ravel()) / taken)
@@ -329,6 +343,7 @@ def _measure(
         lp, lm = float(losses[2 * k]), float(losses[2 * k + 1])
         rec = info[e.tensor]
         e.analytic = analytic
+        e.loss_plus, e.loss_minus = lp, lm
         if not (np.isfinite(lp) and np.isfinite(lm)) or taken == 0.0:
             # Undefined difference quotient (loss not finite nearby, or a step lost to rounding).
             e.numeric, e.status, e.rel = float("nan"), "kink", None
@@ -360,21 +375,45 @@ def _confirm(
     tol: fd.Tolerances,
     eps: float | None,
 ) -> int:
-    """Recompute suspects at ``h/2``: disagreement means a kink, agreement a real mismatch."""
+    """Decide whether each suspect is a kink or a real mismatch.
+
+    Two tests, either of which marks a kink:
+
+    * **one-sided slopes**: ``(L(θ+h) − L(θ)) / h₊`` against ``(L(θ) − L(θ−h)) / h₋``. A single kink
+      inside the step shifts the central estimate by half the gap between them, so a kink that
+      can explain a relative error above ``rtol`` opens a gap above ``2·rtol`` — whether it sits
+      near the edge of the step or right at θ (where the ``h/2`` test is blind: both central
+      estimates then average the same two slopes). At a smooth point the gap is ``h·|L''|``.
+    * **h vs h/2**: the central estimates at ``h`` and ``h/2`` disagree by more than ``kink_tol``.
+
+    Costs one unperturbed evaluation per round plus two per suspect; passing entries never pay.
+    """
     perts: list[Perturbation] = []
     takens: list[float] = []
     for e in entries:
         p, m, taken, _ = _plan(problem, info, e, dtype, eps, 0.5)
         perts += [p, m]
         takens.append(taken)
+    # L(θ) evaluated the way the perturbed losses were (the base loss came with a backward pass).
+    first = entries[0]
+    rec0 = info[first.tensor]
+    assert rec0.values is not None
+    current = rec0.values if first.index is None else np.asarray(rec0.values[first.index])
+    perts.append(Perturbation(first.tensor, first.index, np.asarray(current, dtype=dtype)))
     losses = np.asarray(problem.losses(perts), dtype=np.float64)
+    centre = float(losses[-1])
     for k, e in enumerate(entries):
         lp, lm = float(losses[2 * k]), float(losses[2 * k + 1])
-        if takens[k] == 0.0 or not (np.isfinite(lp) and np.isfinite(lm)):
+        if takens[k] == 0.0 or not (np.isfinite(lp) and np.isfinite(lm) and np.isfinite(centre)):
             e.status, e.rel = "kink", None
             continue
         half = fd.central_difference(lp, lm, takens[k])
-        if fd.is_kink(e.numeric, half, e.floor, tol.kink_tol):
+        one_sided_gap = 0.0
+        if e.step_plus > 0 and e.step_minus > 0:
+            forward = (e.loss_plus - centre) / e.step_plus
+            backward = (centre - e.loss_minus) / e.step_minus
+            one_sided_gap = fd.relative_error(forward, backward, e.floor)
+        if one_sided_gap > 2 * tol.rtol or fd.is_kink(e.numeric, half, e.floor, tol.kink_tol):
             e.status, e.rel = "kink", None
         elif not tol.aggregate:  # low precision: the tensor's aggregate decides (_judge_aggregate)
             e.status = "disconnected" if info[e.tensor].all_zero else "mismatch"

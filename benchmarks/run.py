@@ -1,0 +1,432 @@
+"""gradwatch's cost, as ratios measured side by side in one process (interleaved, medians).
+
+Run: python benchmarks/run.py [--quick] [--write docs/performance.md]
+
+Threads are pinned (torch.set_num_threads, TF intra/inter op = the same) and stated in the output.
+Nothing here is asserted: tests never time anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+THREADS = int(os.environ.get("GRADWATCH_BENCH_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+torch.set_num_threads(THREADS)
+
+ROWS: list[tuple[str, str, str]] = []
+
+
+def row(what: str, value: str, note: str = "") -> None:
+    ROWS.append((what, value, note))
+    print(f"{what:<62} {value:>14}  {note}", flush=True)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, calls interleaved so drift hits all alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# -- torch models -------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.drop, self.fc = nn.Dropout(0.25), nn.Linear(32 * 7 * 7, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.b1(self.c1(x))), 2)
+        x = F.max_pool2d(F.relu(self.b2(self.c2(x))), 2)
+        return self.fc(self.drop(x.flatten(1)))
+
+
+class LSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.rnn, self.out = (
+            nn.Embedding(100, 32),
+            nn.LSTM(32, 64, 2, batch_first=True),
+            nn.Linear(64, 10),
+        )
+
+    def forward(self, ids):
+        return self.out(self.rnn(self.emb(ids))[0][:, -1])
+
+
+def torch_batch(kind: str):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (64,), generator=g)
+    if kind == "mlp":
+        return torch.randn(64, 784, generator=g), y
+    if kind == "cnn":
+        return torch.randn(64, 1, 28, 28, generator=g), y
+    return torch.randint(0, 100, (64, 20), generator=g), y
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def bench_torch_checks(repeats: int) -> None:
+    from gradwatch.torch import TorchChecker, cast_batch
+
+    for name, factory, kind in (
+        ("MLP 784-256-256-10", MLP, "mlp"),
+        ("CNN + BN + dropout", CNN, "cnn"),
+        ("2-layer LSTM", LSTM, "seq"),
+    ):
+        torch.manual_seed(0)
+        model = factory()
+        batch = torch_batch(kind)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+        def step(model=model, batch=batch, opt=opt):
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+            opt.step()
+
+        coord = TorchChecker(model, loss_fn, mode="coordinate")
+        direc = TorchChecker(model, loss_fn, mode="directional")
+        twin = coord.twin().module
+        b64 = cast_batch(batch, torch.float64, None)
+        n_coord = 2 * 32
+        n_dir = 2 * len(coord.names)
+
+        def forwards(n):
+            def run(twin=twin, b64=b64, n=n):
+                with torch.no_grad():
+                    for _ in range(n):
+                        loss_fn(twin, b64)
+
+            return run
+
+        alarms: list[bool] = []
+
+        def gradcheck_fast(twin=twin, b64=b64, alarms=alarms):
+            ps = [p.detach().clone().requires_grad_(True) for p in twin.parameters()]
+            names = [n for n, _ in twin.named_parameters()]
+
+            def f(*params):
+                with torch.random.fork_rng(devices=[]):  # same dropout mask in every evaluation
+                    torch.manual_seed(0)
+                    return loss_fn(
+                        lambda x: torch.func.functional_call(twin, dict(zip(names, params)), (x,)),
+                        b64,
+                    )
+
+            # When the fast check fails, gradcheck recomputes the full numerical Jacobian to
+            # explain (hours on a CNN): time the fast check only, and count the failure.
+            gc = sys.modules["torch.autograd.gradcheck"]
+
+            def no_slow_mode(*args, **kwargs):
+                raise gc.GradcheckError("fast check failed")
+
+            saved = gc._run_slow_mode_and_get_error
+            gc._run_slow_mode_and_get_error = no_slow_mode
+            try:
+                ok = torch.autograd.gradcheck(
+                    f, ps, fast_mode=True, eps=1e-6, atol=1e-5, rtol=1e-3, raise_exception=False
+                )
+            except gc.GradcheckError:
+                ok = False
+            finally:
+                gc._run_slow_mode_and_get_error = saved
+            alarms.append(not ok)
+
+        t = interleaved(
+            {
+                "step": step,
+                "coord": lambda c=coord, b=batch: c.check(b),
+                "dir": lambda c=direc, b=batch: c.check(b),
+                "fw_coord": forwards(n_coord),
+                "fw_dir": forwards(n_dir),
+                "gradcheck": gradcheck_fast,
+            },
+            repeats,
+        )
+        row(f"torch {name}: coordinate check / training step", f"{t['coord'] / t['step']:.1f}x")
+        row(
+            f"torch {name}: coordinate check / its {n_coord} float64 forwards",
+            f"{t['coord'] / t['fw_coord']:.2f}x",
+            "goal <= 1.3",
+        )
+        row(f"torch {name}: directional check / training step", f"{t['dir'] / t['step']:.1f}x")
+        row(
+            f"torch {name}: directional check / its {n_dir} float64 forwards",
+            f"{t['dir'] / t['fw_dir']:.2f}x",
+            "goal <= 1.3",
+        )
+        row(
+            f"torch {name}: gradcheck(fast_mode) / training step",
+            f"{t['gradcheck'] / t['step']:.1f}x",
+            f"one global direction; false alarms {sum(alarms)}/{len(alarms)}",
+        )
+
+
+def bench_torch_norms(repeats: int) -> None:
+    from lightning.pytorch.utilities import grad_norm
+
+    from gradwatch.lightning import GradWatch
+
+    torch.manual_seed(0)
+    model = MLP()
+    batch = torch_batch("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    named = list(model.named_parameters())
+
+    def step():
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+
+    def ours():
+        GradWatch._norms([(n, p.grad) for n, p in named])
+
+    def lightning_util():
+        grad_norm(model, norm_type=2)
+
+    def loop():
+        {n: p.grad.norm().item() for n, p in named}
+
+    step()
+    t = interleaved(
+        {"step": step, "ours": ours, "lightning": lightning_util, "loop": loop}, repeats * 20
+    )
+    row(
+        "torch MLP: gradwatch norms (fused, one transfer) / step",
+        f"{100 * t['ours'] / t['step']:.2f}%",
+        "goal <= 3%",
+    )
+    row("torch MLP: Lightning grad_norm utility / step", f"{100 * t['lightning'] / t['step']:.2f}%")
+    row("torch MLP: Python loop of .norm().item() / step", f"{100 * t['loop'] / t['step']:.2f}%")
+
+
+def bench_lightning_fit(steps: int) -> None:
+    import logging
+    import warnings
+
+    import lightning as L
+
+    from gradwatch.lightning import GradWatch
+
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = MLP()
+
+        def training_step(self, batch, i):
+            return loss_fn(self.net, batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    x, y = torch_batch("mlp")
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x.repeat(8, 1), y.repeat(8)), batch_size=64
+    )
+
+    def fit(callbacks):
+        torch.manual_seed(0)
+        t = L.Trainer(
+            max_steps=steps,
+            max_epochs=10_000,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+        )
+        start = time.perf_counter()
+        t.fit(Module(), data)
+        return time.perf_counter() - start
+
+    plain, watched, checks = [], [], []
+    for _ in range(2):
+        plain.append(fit([]))
+        cb = GradWatch()
+        watched.append(fit([cb]))
+        checks.append(len(cb.reports))
+    a, b = statistics.median(plain), statistics.median(watched)
+    row(
+        f"Lightning fit, {steps} steps, GradWatch() defaults: overhead",
+        f"{100 * (b / a - 1):.1f}%",
+        f"goal <= 5%; {checks[-1]} checks",
+    )
+
+
+def bench_keras(repeats: int, steps: int) -> None:
+    import keras
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+    tf.config.threading.set_inter_op_parallelism_threads(THREADS)
+    from gradwatch.keras import GradWatch, KerasChecker, _Problem
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 784)).astype("float32")
+    y = rng.integers(0, 10, 64)
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    train = model.make_train_function()
+    ds = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+
+    def step():
+        train(ds)
+
+    compiled = KerasChecker(model)
+    eager = KerasChecker(model)
+    eager.loss_at = eager._loss_eager  # type: ignore[method-assign]
+
+    second_tape_vars = model.trainable_variables
+
+    @tf.function
+    def second_tape():
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=True), training=True)
+        return [tf.norm(g) for g in tape.gradient(loss, second_tape_vars)]
+
+    p = _Problem(compiled, x, y, None, list(range(len(compiled.names))), 0)
+    vals = [keras.ops.convert_to_tensor(a) for a in p._values]
+
+    def forwards():
+        for _ in range(64):
+            p._loss(vals)
+
+    t = interleaved(
+        {
+            "step": step,
+            "compiled": lambda: compiled.check(x, y),
+            "eager": lambda: eager.check(x, y),
+            "fw": forwards,
+            "tape": second_tape,
+        },
+        repeats,
+    )
+    row("Keras MLP: compiled check / training step", f"{t['compiled'] / t['step']:.1f}x")
+    row(
+        "Keras MLP: compiled check / its 64 float64 losses",
+        f"{t['compiled'] / t['fw']:.2f}x",
+        "goal <= 1.3",
+    )
+    row("Keras MLP: eager-loop check / training step", f"{t['eager'] / t['step']:.1f}x")
+    row(
+        "Keras MLP: a second gradient tape for norms / step",
+        f"{100 * t['tape'] / t['step']:.0f}%",
+        "the alternative",
+    )
+
+    def fit(callbacks):
+        keras.utils.set_random_seed(0)
+        m = keras.models.clone_model(model)
+        m.compile(
+            optimizer=keras.optimizers.SGD(0.01),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        xs, ys = np.repeat(x, steps // 10, axis=0), np.repeat(y, steps // 10)
+        start = time.perf_counter()
+        m.fit(xs, ys, batch_size=64, epochs=10, verbose=0, callbacks=callbacks)
+        return time.perf_counter() - start
+
+    plain, watched, norms_only = [], [], []
+    for _ in range(2):
+        plain.append(fit([]))
+        norms_only.append(fit([GradWatch(enable_checks=False)]))
+        watched.append(fit([GradWatch()]))
+    a = statistics.median(plain)
+    row(
+        f"Keras fit, {steps} steps: per-step norms only: overhead",
+        f"{100 * (statistics.median(norms_only) / a - 1):.1f}%",
+        "goal <= 3%",
+    )
+    row(
+        f"Keras fit, {steps} steps, GradWatch() defaults: overhead",
+        f"{100 * (statistics.median(watched) / a - 1):.1f}%",
+        "goal <= 5%",
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and steps")
+    ap.add_argument("--write", metavar="FILE", help="write the table as Markdown")
+    ap.add_argument("--skip-keras", action="store_true")
+    args = ap.parse_args()
+    repeats = 3 if args.quick else 7
+    steps = 500 if args.quick else 2000
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {THREADS} thread(s)"
+    )
+    print(f"gradwatch benchmarks — {machine}; torch {torch.__version__}\n")
+    bench_torch_checks(repeats)
+    bench_torch_norms(repeats)
+    bench_lightning_fit(steps)
+    if not args.skip_keras:
+        bench_keras(repeats, steps)
+    if args.write:
+        lines = [
+            f"Measured on: {machine}, torch {torch.__version__}; medians of interleaved runs.",
+            "",
+            "| measurement | ratio | note |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in ROWS]
+        Path(args.write).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
