@@ -130,7 +130,7 @@ def bench_torch_checks(repeats: int) -> None:
         n_coord = 2 * 32
         n_dir = 2 * len(coord.names)
 
-        def forwards(n):
+        def forwards(n, twin=twin, b64=b64):
             def run(twin=twin, b64=b64, n=n):
                 with torch.no_grad():
                     for _ in range(n):
@@ -148,7 +148,7 @@ def bench_torch_checks(repeats: int) -> None:
                 with torch.random.fork_rng(devices=[]):  # same dropout mask in every evaluation
                     torch.manual_seed(0)
                     return loss_fn(
-                        lambda x: torch.func.functional_call(twin, dict(zip(names, params)), (x,)),
+                        lambda x: torch.func.functional_call(twin, dict(zip(names, params, strict=False)), (x,)),
                         b64,
                     )
 

@@ -162,6 +162,7 @@ class GradWatch(WatchRecords, Callback):
         self._warned: set[str] = set()
         self._trainer: Trainer | None = None
         self._batch_idx = 0
+        self._state_key: str | None = None
 
     # -- public records ------------------------------------------------------------------------
     @property
@@ -171,13 +172,16 @@ class GradWatch(WatchRecords, Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            check_every_n_steps=self.config.check_every_n_steps,
-            num_params=self.config.num_params,
-            mode=self.config.mode,
-            include=self.config.include,
-            exclude=self.config.exclude,
-        )
+        # Lightning asks for it often; it depends on the arguments only.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(
+                check_every_n_steps=self.config.check_every_n_steps,
+                num_params=self.config.num_params,
+                mode=self.config.mode,
+                include=self.config.include,
+                exclude=self.config.exclude,
+            )
+        return self._state_key
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -290,9 +294,12 @@ class GradWatch(WatchRecords, Callback):
             values.append(torch.linalg.vector_norm(g.coalesce().values()))
         if not values:
             return {}
-        device = values[0].device
-        stacked = torch.stack([x.detach().to(device=device, dtype=torch.float32) for x in values])
-        host = stacked.cpu().tolist()
+        first = values[0]
+        if all(x.dtype == first.dtype and x.device == first.device for x in values):
+            stacked = torch.stack(values)
+        else:
+            stacked = torch.stack([x.to(device=first.device, dtype=torch.float32) for x in values])
+        host = stacked.float().cpu().tolist()
         names = [n for n, _ in dense] + [n for n, _ in sparse]
         return dict(zip(names, host, strict=True))
 

@@ -113,3 +113,34 @@ def test_state_dict_round_trip_keeps_patience():
 def test_thresholds_validate(name, value):
     with pytest.raises(ValueError, match=name):
         HealthThresholds(**{name: value})
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_vectorised_fast_path_gives_the_same_events_as_the_rules(seed):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    names = list(SHAPES)
+    fast = HealthMonitor(SHAPES, HealthThresholds(min_history=5, patience=2))
+    slow = HealthMonitor(SHAPES, HealthThresholds(min_history=5, patience=2))
+    slow._fast_ready = False
+    quiet = fast._quiet
+    taken = []
+
+    def counting(rms):
+        taken.append(quiet(rms))
+        return taken[-1]
+
+    fast._quiet = counting
+    for step in range(300):
+        values = dict(zip(names, (10 ** rng.uniform(-3, -1, len(names))).tolist(), strict=True))
+        roll = rng.random()
+        if roll < 0.03:
+            values[names[rng.integers(len(names))]] = float("nan")
+        elif roll < 0.06:
+            values[names[rng.integers(len(names))]] = 10 ** rng.uniform(1, 4)  # spikes
+        elif roll < 0.12:
+            values["0.weight"] = 1e-9  # vanishing spells
+        assert fast.observe(step, values) == slow.observe(step, values), step
+    assert fast.state_dict() == slow.state_dict()
+    assert sum(taken) > 100  # the fast path really ran

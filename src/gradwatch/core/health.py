@@ -26,10 +26,11 @@ whose gradient is exactly zero from its first observation is structurally zero a
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from gradwatch.report import GradientEvent
 
@@ -109,11 +110,52 @@ class HealthMonitor:
             if len(s) < 2 and layer_prefix(n) in weight_layers and layer_prefix(n) != ""
         }
         self.reference = weights[-1] if weights else None
-        self._history: dict[str, deque[float]] = {}
         self._count: dict[str, int] = {}
         self._active: set[str] = set()
         self._structural: set[str] = set()
         self._seen: set[str] = set()
+        # Recent history as a ring buffer, one row per tensor (vectorised per-step work).
+        self._index: dict[str, int] = {}
+        self._ring = np.zeros((0, thresholds.window))
+        self._pos = np.zeros(0, dtype=np.int64)
+        self._filled = np.zeros(0, dtype=np.int64)
+        for name in self.order:
+            self._row(name)
+        n = len(self.order)
+        self._is_weight = np.array([x in self.weights for x in self.order], dtype=bool)
+        self._judged = np.array([x not in self.followers for x in self.order], dtype=bool)
+        self._not_ref = np.array([x != self.reference for x in self.order], dtype=bool)
+        self._ref_index = self.order.index(self.reference) if self.reference is not None else -1
+        self._fast_ready = n > 0
+        self._all_rows = np.arange(n)
+        self._structural_cache: tuple[frozenset[str], np.ndarray] | None = None
+
+    # -- history -----------------------------------------------------------------------------
+    def _row(self, name: str) -> int:
+        i = self._index.get(name)
+        if i is None:
+            i = len(self._index)
+            self._index[name] = i
+            self._ring = np.vstack([self._ring, np.zeros((1, self.thresholds.window))])
+            self._pos = np.append(self._pos, 0)
+            self._filled = np.append(self._filled, 0)
+        return i
+
+    def _history(self, name: str) -> np.ndarray:
+        """The tensor's recent values, oldest first."""
+        i = self._index.get(name)
+        if i is None:
+            return np.zeros(0)
+        k, pos = int(self._filled[i]), int(self._pos[i])
+        row = self._ring[i]
+        if k < self.thresholds.window:
+            return np.array(row[:k])
+        return np.array(np.concatenate([row[pos:], row[:pos]]))
+
+    def _push(self, rows: np.ndarray, values: np.ndarray) -> None:
+        self._ring[rows, self._pos[rows]] = values
+        self._pos[rows] = (self._pos[rows] + 1) % self.thresholds.window
+        self._filled[rows] = np.minimum(self._filled[rows] + 1, self.thresholds.window)
 
     # -- conditions ------------------------------------------------------------------------
     def _vanishing(self, name: str, rms: float, ref: float | None) -> float | None:
@@ -138,9 +180,9 @@ class HealthMonitor:
         th = self.thresholds
         if rms > th.explode_threshold:
             return th.explode_threshold
-        hist = self._history.get(name)
-        if hist is not None and len(hist) >= th.min_history:
-            med = sorted(hist)[len(hist) // 2]
+        hist = self._history(name)
+        if len(hist) >= th.min_history:
+            med = float(np.median(hist))
             if med > 0 and rms > th.jump_factor * med:
                 return th.jump_factor * med
         return None
@@ -158,8 +200,62 @@ class HealthMonitor:
             return True
         return False
 
+    def _structural_mask(self) -> np.ndarray:
+        key = frozenset(self._structural)
+        if self._structural_cache is None or self._structural_cache[0] != key:
+            mask = np.array([n in key for n in self.order], dtype=bool)
+            self._structural_cache = (key, mask)
+        return self._structural_cache[1]
+
+    def _quiet(self, rms: Mapping[str, float]) -> bool:
+        """Vectorised: True when this observation starts, continues and ends nothing.
+
+        Then only the history needs updating; the per-tensor rules below run only on steps where
+        something is, or was, going on.
+        """
+        if not self._fast_ready or self._count or self._active or len(rms) != len(self.order):
+            return False
+        try:
+            v = np.fromiter((rms[n] for n in self.order), dtype=np.float64, count=len(self.order))
+        except KeyError:
+            return False
+        if not np.all(np.isfinite(v)) or len(self._seen) < len(self.order):
+            return False
+        th = self.thresholds
+        if np.any(v > th.explode_threshold):
+            return False
+        structural = self._structural_mask()
+        judged = self._judged & ~structural
+        if np.any(judged & (v < th.vanish_threshold)):
+            return False
+        if self._ref_index >= 0:
+            ref = v[self._ref_index]
+            if ref > 0 and np.any(
+                judged
+                & self._is_weight
+                & self._not_ref
+                & (v < th.vanish_ceiling)
+                & (v < th.vanish_ratio * ref)
+            ):
+                return False
+        if self._structural and np.any(structural & (v != 0.0)):
+            return False
+        ready = self._filled >= th.min_history
+        # A jump over the median needs a jump over the minimum: one cheap reduction first, the
+        # exact median only for rows that pass it (unfilled slots hold 0, so they always pass).
+        maybe = ready & (v > th.jump_factor * self._ring.min(axis=1))
+        for i in np.nonzero(maybe)[0]:
+            med = float(np.median(self._history(self.order[i])))
+            if med > 0 and v[i] > th.jump_factor * med:
+                return False
+        rows = self._all_rows
+        self._push(rows, v)
+        return True
+
     def observe(self, step: int, rms: Mapping[str, float]) -> list[GradientEvent]:
         """Feed one observation (tensor name → gradient RMS); returns the events that start now."""
+        if self._quiet(rms):
+            return []
         th = self.thresholds
         events: list[GradientEvent] = []
         bad = [n for n, v in rms.items() if not math.isfinite(v)]
@@ -225,15 +321,15 @@ class HealthMonitor:
                         ),
                     )
                 )
-            hist = self._history.setdefault(name, deque(maxlen=th.window))
-            hist.append(value)
+            i = self._row(name)
+            self._push(np.array([i]), np.array([value]))
         return events
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready state (patience counters, open episodes, recent history)."""
         return {
-            "history": {k: list(v) for k, v in self._history.items()},
+            "history": {k: self._history(k).tolist() for k in self._index},
             "count": dict(self._count),
             "active": sorted(self._active),
             "structural": sorted(self._structural),
@@ -242,10 +338,14 @@ class HealthMonitor:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        self._history = {
-            k: deque((float(x) for x in v), maxlen=self.thresholds.window)
-            for k, v in state.get("history", {}).items()
-        }
+        for name, values in state.get("history", {}).items():
+            i = self._row(name)
+            self._filled[i] = 0
+            self._pos[i] = 0
+            tail = [float(x) for x in values][-self.thresholds.window :]
+            if tail:
+                for x in tail:
+                    self._push(np.array([i]), np.array([x]))
         self._count = {str(k): int(v) for k, v in state.get("count", {}).items()}
         self._active = set(state.get("active", ()))
         self._structural = set(state.get("structural", ()))
