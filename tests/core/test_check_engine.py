@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -124,7 +125,15 @@ def test_nonfinite_gradient_gives_a_nonfinite_event_not_a_crash():
     assert [(e.kind, e.step) for e in r.events] == [("nonfinite", 12)]
 
 
-def test_float32_is_judged_in_aggregate_and_says_so():
+def test_float32_is_judged_in_aggregate_and_says_so(monkeypatch):
+    from gradwatch.core import check as check_mod
+
+    monkeypatch.setattr(check_mod, "_LOW_PRECISION_WARNED", False)
+    with pytest.warns(UserWarning, match="bugs smaller than about 40%"):
+        run_check(NumpyProblem(1, dtype=np.float32), num_params=8, rng=np.random.default_rng(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process, not once per check
+        run_check(NumpyProblem(1, dtype=np.float32), num_params=8, rng=np.random.default_rng(0))
     ok = run_check(NumpyProblem(1, dtype=np.float32), num_params=8, rng=np.random.default_rng(0))
     assert ok.verdict == "pass" and ok.rtol == 0.4
     assert any("float32" in n for n in ok.notes)

@@ -9,6 +9,7 @@ entries to look at, how far to step, and what the numbers mean.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -111,6 +112,17 @@ class _Tensor:
     rms: float = 0.0
     all_zero: bool = False
     taken: set[tuple[int, ...]] = field(default_factory=set)
+
+
+_LOW_PRECISION_WARNED = False
+
+
+def _warn_low_precision_once(note: str) -> None:
+    """One ``UserWarning`` per process the first time a check runs below float64."""
+    global _LOW_PRECISION_WARNED
+    if not _LOW_PRECISION_WARNED:
+        _LOW_PRECISION_WARNED = True
+        warnings.warn(f"gradwatch: {note}", UserWarning, stacklevel=4)
 
 
 def nonfinite_report(
@@ -512,10 +524,12 @@ def _report(
         verdict = "pass"
     extra = list(notes)
     if tol.aggregate:
-        extra.append(
+        note = (
             f"checked in {dtype}: each tensor is judged by its aggregate error, and bugs smaller "
             f"than about {tol.rtol:.0%} of a gradient are invisible; use dtype='float64'"
         )
+        extra.append(note)
+        _warn_low_precision_once(note)
     return CheckReport(
         step=step,
         verdict=verdict,
