@@ -277,3 +277,23 @@ def test_weights_bit_identical_with_and_without_callback(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["checks"] >= 3 and result["identical"], result
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_same_verdicts_as_without(tmp_path):
+    """Two logical CPU devices (a process-wide setting): in a subprocess."""
+    out = tmp_path / "mirrored.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "keras_mirrored.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["plain"] == result["mirror"] == "pass"
+    assert result["same_entries"] and result["rel"][0] == result["rel"][1]
+    assert result["callback"] == ["pass", "pass"] and result["events"] == []
+    assert result["norms"] and all(np.isfinite(result["norms"]))

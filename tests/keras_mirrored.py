@@ -1,0 +1,44 @@
+"""MirroredStrategy with two logical CPU devices (process-wide setting: run in a subprocess).
+
+Usage: python tests/keras_mirrored.py OUT.json
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+
+from gradwatch.keras import GradWatch, check_gradients
+from tests import keras_models as km
+
+x, y = km.data("mlp", n=64)
+keras.utils.set_random_seed(0)
+plain = km.mlp()
+r_plain = check_gradients(plain, x, y)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    keras.utils.set_random_seed(0)
+    model = km.mlp()
+r_mirror = check_gradients(model, x, y)
+cb = GradWatch(check_every_n_steps=2, data=(x[:16], y[:16]))
+hist = model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+Path(sys.argv[1]).write_text(
+    json.dumps(
+        {
+            "plain": r_plain.verdict,
+            "mirror": r_mirror.verdict,
+            "same_entries": [e.index for e in r_plain.results]
+            == [e.index for e in r_mirror.results],
+            "rel": [r_plain.max_rel_error, r_mirror.max_rel_error],
+            "callback": [r.verdict for r in cb.reports],
+            "events": [e.kind for e in cb.events],
+            "norms": [float(v) for v in hist.history.get("gradwatch_grad_norm", [])],
+        }
+    )
+)
