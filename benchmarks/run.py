@@ -148,7 +148,9 @@ def bench_torch_checks(repeats: int) -> None:
                 with torch.random.fork_rng(devices=[]):  # same dropout mask in every evaluation
                     torch.manual_seed(0)
                     return loss_fn(
-                        lambda x: torch.func.functional_call(twin, dict(zip(names, params, strict=False)), (x,)),
+                        lambda x: torch.func.functional_call(
+                            twin, dict(zip(names, params, strict=False)), (x,)
+                        ),
                         b64,
                     )
 

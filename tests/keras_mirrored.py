@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras  # noqa: E402, F401
+import keras  # noqa: E402
 
 from gradwatch.keras import GradWatch, check_gradients  # noqa: E402
 from tests import keras_models as km  # noqa: E402
