@@ -332,3 +332,38 @@ def test_state_key_tells_instances_apart():
 def test_bad_arguments_raise_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace("[", r"\[")):
         GradWatch(**kwargs)
+
+
+def test_gradscaler_skipped_steps_are_counted_not_reported():
+    """16-mixed exists only on CUDA; drive the hook with a stand-in trainer and GradScaler."""
+    from types import SimpleNamespace
+
+    model = MLP()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = SimpleNamespace(get_scale=lambda: 65536.0)
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=0))
+    trainer = SimpleNamespace(
+        fit_loop=loop,
+        precision_plugin=SimpleNamespace(scaler=scaler),
+        global_rank=0,
+        loggers=[],
+        should_stop=False,
+    )
+    cb = GradWatch(enable_checks=False, on_nonfinite="halt")
+    cb._params = list(model.named_parameters())
+    cb._watcher.start({n: tuple(p.shape) for n, p in cb._params})
+    for step in range(9):
+        loop.epoch_loop._batches_that_stepped = step
+        cb.on_before_optimizer_step(trainer, model, opt)
+    assert cb.skipped_steps == 9 and cb.events == [] and not trainer.should_stop
+    loop.epoch_loop._batches_that_stepped = 9
+    cb.on_before_optimizer_step(trainer, model, opt)  # the 10th in a row: the scale is collapsing
+    assert [(e.kind, e.param, e.step) for e in cb.events] == [("nonfinite", "global", 9)]
+    assert "GradScaler skipped 10" in cb.events[0].message and trainer.should_stop
+    # A finite step ends the run of skips; the norms are then fed to the health rules as usual.
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    cb.on_before_optimizer_step(trainer, model, opt)
+    assert cb._consecutive_skips == 0 and cb._pending
