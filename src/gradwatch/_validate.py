@@ -8,13 +8,16 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 __all__ = [
     "DTYPES",
+    "CheckOptions",
     "check_dtype",
     "check_mode",
     "check_positive_float",
     "check_positive_int",
+    "check_seed",
     "compile_patterns",
 ]
 
@@ -102,3 +105,54 @@ def selected(
     if include and not any(p.search(name) for p in include):
         return False
     return not any(p.search(name) for p in exclude)
+
+
+def check_seed(value: object) -> int:
+    """An integer seed.
+
+    Example:
+        >>> check_seed(3)
+        3
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"seed must be an integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """The validated arguments every gradient check takes (torch and Keras alike)."""
+
+    num_params: int
+    mode: str
+    dtype: str | None
+    eps: float | None
+    rtol: float | None
+    seed: int
+    include: list[re.Pattern[str]]
+    exclude: list[re.Pattern[str]]
+
+    @classmethod
+    def validate(
+        cls,
+        *,
+        num_params: object,
+        mode: object,
+        dtype: object,
+        eps: object,
+        rtol: object,
+        seed: object,
+        include: str | Sequence[str] | None,
+        exclude: str | Sequence[str] | None,
+    ) -> CheckOptions:
+        """``ValueError`` naming the first bad argument; else the options."""
+        return cls(
+            num_params=int(check_positive_int("num_params", num_params) or 1),
+            mode=check_mode(mode),
+            dtype=check_dtype(dtype),
+            eps=check_positive_float("eps", eps, allow_none=True),
+            rtol=check_positive_float("rtol", rtol, allow_none=True),
+            seed=check_seed(seed),
+            include=compile_patterns("include", include),
+            exclude=compile_patterns("exclude", exclude),
+        )

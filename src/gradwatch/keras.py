@@ -379,16 +379,19 @@ class KerasChecker:
     ) -> None:
         if not isinstance(model, keras.Model):
             raise ValueError(f"model must be a keras.Model, got {type(model).__name__}")
-        self.num_params = int(v.check_positive_int("num_params", num_params) or 1)
-        self.mode = v.check_mode(mode)
-        dt = v.check_dtype(dtype)
-        self.eps = v.check_positive_float("eps", eps, allow_none=True)
-        self.rtol = v.check_positive_float("rtol", rtol, allow_none=True)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
-        inc = v.compile_patterns("include", include)
-        exc = v.compile_patterns("exclude", exclude)
+        o = v.CheckOptions.validate(
+            num_params=num_params,
+            mode=mode,
+            dtype=dtype,
+            eps=eps,
+            rtol=rtol,
+            seed=seed,
+            include=include,
+            exclude=exclude,
+        )
+        self.num_params, self.mode, dt = o.num_params, o.mode, o.dtype
+        self.eps, self.rtol, self.seed = o.eps, o.rtol, o.seed
+        inc, exc = o.include, o.exclude
         if not model.built:
             raise ValueError("the model is not built: call it on data or build() it first")
         if loss is None:

@@ -418,16 +418,19 @@ class TorchChecker:
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
-        self.num_params = int(v.check_positive_int("num_params", num_params) or 1)
-        self.mode = v.check_mode(mode)
-        self.dtype_name = v.check_dtype(dtype)
-        self.eps = v.check_positive_float("eps", eps, allow_none=True)
-        self.rtol = v.check_positive_float("rtol", rtol, allow_none=True)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
-        self.include = v.compile_patterns("include", include)
-        self.exclude = v.compile_patterns("exclude", exclude)
+        o = v.CheckOptions.validate(
+            num_params=num_params,
+            mode=mode,
+            dtype=dtype,
+            eps=eps,
+            rtol=rtol,
+            seed=seed,
+            include=include,
+            exclude=exclude,
+        )
+        self.num_params, self.mode, self.dtype_name = o.num_params, o.mode, o.dtype
+        self.eps, self.rtol, self.seed = o.eps, o.rtol, o.seed
+        self.include, self.exclude = o.include, o.exclude
         self.model = unwrap_module(model)
         self.loss_fn = loss_fn
         self.prepare = prepare

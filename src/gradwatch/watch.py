@@ -98,8 +98,7 @@ class WatchConfig:
             or not 0 < c.max_overhead <= 1
         ):
             raise ValueError(f"max_overhead must be a number in (0, 1], got {c.max_overhead!r}")
-        if isinstance(c.seed, bool) or not isinstance(c.seed, int):
-            raise ValueError(f"seed must be an integer, got {c.seed!r}")
+        v.check_seed(c.seed)
         v.check_positive_float("eps", c.eps, allow_none=True)
         v.check_positive_float("rtol", c.rtol, allow_none=True)
         v.compile_patterns("include", c.include)
