@@ -869,7 +869,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         action = Action()
         events: list[GradientEvent] = []
         if self._norm_source is not None and index % self.config.norm_every_n_steps == 0:
-            values = np.asarray(_to_numpy(self._norm_source), dtype=np.float64)
+            values = self._read_norms()
             norms = dict(zip(self._norm_names, values.tolist(), strict=False))
             if norms:
                 write = index % self._log_every == 0
@@ -901,6 +901,13 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             raise action.error
         if action.halt:
             self.model.stop_training = True
+
+    def _read_norms(self) -> np.ndarray[Any, Any]:
+        """The norm vector the last step stored: one small device read, no Keras conversion."""
+        source = self._norm_source
+        if hasattr(source, "detach"):  # torch
+            return np.asarray(source.detach().cpu().numpy(), dtype=np.float64)
+        return np.asarray(source.numpy(), dtype=np.float64)  # tf.Variable
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is not None:
