@@ -297,3 +297,14 @@ def test_mirrored_strategy_same_verdicts_as_without(tmp_path):
     assert result["same_entries"] and result["rel"][0] == result["rel"][1]
     assert result["callback"] == ["pass", "pass"] and result["events"] == []
     assert result["norms"] and all(np.isfinite(result["norms"]))
+
+
+def test_default_schedule_decisions_are_logged(tmp_path):
+    keras.utils.set_random_seed(0)
+    path = tmp_path / "gw.jsonl"
+    cb = GradWatch(jsonl_path=str(path))
+    km.mlp().fit(*km.data("mlp", n=64), batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    schedule = [r for r in records if r["type"] == "schedule"]
+    assert schedule and schedule[0]["step"] == 1
+    assert "max_overhead=0.02" in schedule[0]["text"] and "s of training" in schedule[0]["text"]

@@ -182,6 +182,9 @@ def test_jsonl_path_gets_every_record(tmp_path):
     records = [json.loads(line) for line in path.read_text().splitlines()]
     types = [r["type"] for r in records]
     assert types.count("norms") == 8 and types.count("report") == 2 and types.count("event") == 2
+    schedule = [r for r in records if r["type"] == "schedule"]
+    assert [r["step"] for r in schedule] == [0, 4]
+    assert all("every 4 optimizer steps" in r["text"] for r in schedule)
 
 
 # --- training setups -----------------------------------------------------------------------------

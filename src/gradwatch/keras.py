@@ -956,4 +956,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
                 f"checks are switched off, norms go on",
             )
         self._watcher.schedule.record_check(time.perf_counter() - started)
+        decision = self._watcher.schedule_decision(step)
+        if self._sink is not None:
+            self._sink.text(tags.SCHEDULE_TAG, decision, step)
         return report

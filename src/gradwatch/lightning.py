@@ -385,6 +385,12 @@ class GradWatch(WatchRecords, Callback):
             events, disable, next_due = self._agree(trainer, events, disable, step, seconds)
             self._next_due = next_due
         self._watcher.schedule.record_check(seconds)
+        decision = self._watcher.schedule_decision(step)
+        if self._next_due is not None:
+            decision = f"{decision}; all ranks check next at step {self._next_due}"
+        if trainer.global_rank == 0:
+            for w in self._tensorboards(trainer):
+                w.add_text(tags.SCHEDULE_TAG, decision, step)
         if disable:
             self._checks_on = False
         if report is None:

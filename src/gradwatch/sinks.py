@@ -62,6 +62,10 @@ class JsonlSink:
         """One report record."""
         self._write({"type": "report", "step": report.step, "report": report.to_dict()})
 
+    def write_schedule(self, step: int, text: str) -> None:
+        """One schedule record: when the next check is due and why."""
+        self._write({"type": "schedule", "step": int(step), "text": text})
+
     def write_event(self, event: GradientEvent) -> None:
         """One event record."""
         self._write({"type": "event", "step": event.step, "event": event.to_dict()})

@@ -22,6 +22,7 @@ __all__ = [
     "MAX_REL_ERROR_TAG",
     "META_TAG",
     "PREFIX",
+    "SCHEDULE_TAG",
     "custom_scalars_layout",
     "event_text",
     "hist_tag",
@@ -40,6 +41,8 @@ MAX_REL_ERROR_TAG = f"{REL_ERROR_PREFIX}max"
 EVENTS_TAG = f"{PREFIX}/events"
 #: Text summary written once per run: parameter shapes and the thresholds in force (JSON).
 META_TAG = f"{PREFIX}/meta"
+#: Text summary after each check: when the next check is due and why.
+SCHEDULE_TAG = f"{PREFIX}/schedule"
 
 
 def norm_tag(param: str) -> str:

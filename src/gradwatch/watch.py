@@ -295,6 +295,14 @@ class Watcher:
         self._record_events(report.events)
         return dispatch(report.events, self.config.policies, report)
 
+    def schedule_decision(self, step: int) -> str:
+        """After a check: when the next one is due and why (logged, and into the JSON lines)."""
+        text = self.schedule.explain()
+        logger.info("gradwatch: step %d: %s", step, text)
+        if self.jsonl is not None:
+            self.jsonl.write_schedule(step, text)
+        return text
+
     def observe_event(self, event: GradientEvent) -> Action:
         """Record one event produced outside the rules (e.g. a collapsing loss scale)."""
         self._record_events([event])
