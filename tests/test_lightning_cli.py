@@ -6,11 +6,11 @@ import pytest
 
 pytest.importorskip("jsonargparse")
 
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.cli import LightningCLI
 
-from gradwatch.lightning import GradWatch  # noqa: E402
-from tests.lightning_models import Classifier, loader  # noqa: E402
-from tests.torch_zoo import MLP  # noqa: E402
+from gradwatch.lightning import GradWatch
+from tests.lightning_models import Classifier, loader
+from tests.torch_zoo import MLP
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
