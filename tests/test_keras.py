@@ -308,3 +308,25 @@ def test_default_schedule_decisions_are_logged(tmp_path):
     schedule = [r for r in records if r["type"] == "schedule"]
     assert schedule and schedule[0]["step"] == 1
     assert "max_overhead=0.02" in schedule[0]["text"] and "s of training" in schedule[0]["text"]
+
+
+def test_inspect_reads_a_keras_run_with_events(tmp_path):
+    from gradwatch.cli import main
+
+    keras.utils.set_random_seed(0)
+    model, _, _ = buggy("scaled")
+    cb = GradWatch(check_every_n_steps=2, log_dir=str(tmp_path), on_mismatch="ignore")
+    model.fit(*km.data("mlp", n=64), batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradwatch", "inspect", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["runs"] == ["gradwatch"]
+    got = sorted((e["step"], e["kind"], e["param"], e["message"]) for e in doc["events"])
+    assert got == sorted((e.step, e.kind, e.param, e.message) for e in cb.events) and got
+    assert main(["inspect", str(tmp_path), "--exit-zero"]) == 0
