@@ -25,6 +25,7 @@ __all__ = [
     "MODES",
     "Perturbation",
     "Problem",
+    "check_problem",
     "nonfinite_report",
     "run_check",
 ]
@@ -206,31 +207,26 @@ def run_check(
     chosen = list(range(len(problem.names))) if tensors is None else list(tensors)
     evaluations = 1
     base = float(problem.base_loss)
-    if not np.isfinite(base):
+
+    def nonfinite(what: str) -> CheckReport:
         return nonfinite_report(
             step=step,
             mode=mode,
             dtype=str(dtype),
             rtol=tol.rtol,
-            what=f"the loss is {base}",
+            what=what,
             evaluations=evaluations,
             seconds=time.perf_counter() - t0,
             notes=notes,
         )
+
+    if not np.isfinite(base):
+        return nonfinite(f"the loss is {base}")
     info: dict[int, _Tensor] = {}
     for t in chosen:
         g = problem.gradient(t)
         if g is not None and not np.all(np.isfinite(g)):
-            return nonfinite_report(
-                step=step,
-                mode=mode,
-                dtype=str(dtype),
-                rtol=tol.rtol,
-                what=f"the gradient of {problem.names[t]} is not finite",
-                evaluations=evaluations,
-                seconds=time.perf_counter() - t0,
-                notes=notes,
-            )
+            return nonfinite(f"the gradient of {problem.names[t]} is not finite")
         rec = _Tensor(name=problem.names[t], shape=tuple(problem.shapes[t]), grad=g)
         if g is not None and g.size:
             rec.rms = float(np.sqrt(np.mean(np.square(g, dtype=np.float64))))
@@ -543,3 +539,50 @@ def _report(
         seconds=time.perf_counter() - t0,
         notes=tuple(extra),
     )
+
+
+def check_problem(
+    problem: Problem,
+    *,
+    tensors: Sequence[int],
+    num_params: int,
+    mode: str,
+    rng: np.random.Generator,
+    rtol: float | None,
+    eps: float | None,
+    step: int | None,
+    notes: Sequence[str],
+    started: float,
+    hint: str = "",
+) -> CheckReport:
+    """:func:`run_check` as the adapters use it: notes on coverage, and a clear error for a loss
+    that depends on none of the model's tensors.
+
+    Raises:
+        ValueError: No tensor of ``problem`` has an autodiff gradient and finite differences found
+            no dependence either (a ``disconnected`` failure is reported, not raised).
+    """
+    notes = list(notes)
+    if mode == "coordinate" and len(tensors) > num_params:
+        notes.append(
+            f"{len(tensors)} tensors but num_params={num_params}: one coordinate per tensor"
+        )
+    report = run_check(
+        problem,
+        tensors=tensors,
+        num_params=num_params,
+        mode=mode,
+        rng=rng,
+        rtol=rtol,
+        eps=eps,
+        step=step,
+        notes=notes,
+        started=started,
+    )
+    no_path = all(problem.gradient(t) is None for t in range(len(problem.names)))
+    if no_path and not report.failed and not report.events:
+        raise ValueError(
+            "the loss has no autograd path to any checked parameter, and finite differences "
+            "show that it does not depend on them either" + (f": {hint}" if hint else "")
+        )
+    return report
