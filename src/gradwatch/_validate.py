@@ -15,6 +15,7 @@ __all__ = [
     "CheckOptions",
     "check_dtype",
     "check_mode",
+    "check_optional_bool",
     "check_positive_float",
     "check_positive_int",
     "check_seed",
@@ -117,6 +118,22 @@ def check_seed(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"seed must be an integer, got {value!r}")
     return value
+
+
+def check_optional_bool(argument: str, value: object) -> bool | None:
+    """``True``, ``False`` or ``None``.
+
+    Example:
+        >>> check_optional_bool("vectorize", None) is None
+        True
+        >>> check_optional_bool("vectorize", "yes")
+        Traceback (most recent call last):
+        ...
+        ValueError: vectorize must be True, False or None, got 'yes'
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError(f"{argument} must be True, False or None, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -463,6 +463,9 @@ class GradWatch(WatchRecords, Callback):
                 seed=self.config.seed,
                 include=self.config.include,
                 exclude=self.config.exclude,
+                # Under DDP every rank must run the same forward passes (training_step may hold a
+                # collective), so no rank may switch paths on its own timing: the loop only.
+                vectorize=False if self._distributed(trainer) else None,
                 prepare=prepare,
             )
         return self._checker

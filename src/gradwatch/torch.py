@@ -20,10 +20,13 @@ Example:
 from __future__ import annotations
 
 import copy
+import logging
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +49,16 @@ __all__ = [
 ]
 
 LossFn = Callable[[nn.Module, Any], Any]
+
+_log = logging.getLogger("gradwatch")
+
+#: Memory one batched evaluation may take beyond a plain one: its batch of perturbed copies and
+#: their activations (bytes; on CUDA also at most a quarter of the free memory).
+VMAP_MEMORY_BYTES = 256 * 2**20
+#: Most perturbations evaluated in one ``vmap`` call.
+VMAP_MAX_CHUNK = 32
+#: vmap must take at most this share of the loop's time per evaluation to be kept for a tensor.
+VMAP_GAIN = 0.8
 
 _NP_DTYPES: dict[torch.dtype, type[np.floating[Any]]] = {
     torch.float64: np.float64,
@@ -136,6 +149,49 @@ def _host_rng_preserved() -> Iterator[None]:
         np.random.set_state(np_state)
 
 
+@dataclass
+class _Batching:
+    """How the perturbations of one tensor are evaluated: measured, then ``vmap`` or the loop.
+
+    The first checks evaluate a tensor's perturbations both ways (one by the loop, all through
+    ``vmap``), compare the shared loss (vmap must reproduce the loop's value: same dropout masks,
+    same BatchNorm statistics) and the time per evaluation; the faster path is kept.
+    """
+
+    mode: str = "measure"  # "measure" | "vmap" | "loop"
+    forced: bool = False  # vectorize=True: keep vmap wherever it works, whatever it costs
+    batched_buffers: bool = False
+    loop_seconds: list[float] = field(default_factory=list)
+    vmap_seconds: list[float] = field(default_factory=list)
+    reason: str = ""
+
+    def settle(self, name: str) -> None:
+        """Keep the faster path once the measurements decide it (two rounds, or one clear one)."""
+        loop, vm = min(self.loop_seconds), min(self.vmap_seconds)
+        ratio = vm / loop if loop > 0 else 1.0
+        if len(self.vmap_seconds) < 2 and 0.5 <= ratio <= 1.5 and not self.forced:
+            return
+        self.mode = "vmap" if ratio <= VMAP_GAIN or self.forced else "loop"
+        self.reason = f"vmap takes {ratio:.2f}x the loop's time per evaluation"
+        _log.debug("gradwatch: %s evaluated by %s (%s)", name, self.mode, self.reason)
+
+    def give_up(self, name: str, reason: str) -> None:
+        self.mode, self.reason = "loop", reason
+        _log.debug("gradwatch: %s evaluated by the loop (%s)", name, reason)
+
+
+class _LossModule(nn.Module):
+    """``loss_fn(module, batch)`` as a module, so ``functional_call`` can swap tensors in."""
+
+    def __init__(self, module: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.inner = module
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Any:
+        return self._loss_fn(self.inner, batch)
+
+
 class _Evaluator:
     """Loss evaluations on a module, deterministic and leaving no trace (the engine's ``Problem``)."""
 
@@ -148,6 +204,7 @@ class _Evaluator:
         loss_fn: LossFn,
         seed: int,
         dtype: torch.dtype,
+        batching: dict[str, _Batching] | None = None,
     ) -> None:
         self.module = module
         self._names = names
@@ -162,6 +219,11 @@ class _Evaluator:
         self._base: float = float("nan")
         self._grads: list[torch.Tensor | None] = []
         self.evaluations = 0
+        #: Per-tensor vmap plans (shared with the checker across checks); ``None``: loop only.
+        self.batching = batching
+        self.force_vmap = False
+        self._activation_bytes = 0
+        self._wrapper: _LossModule | None = None
 
     # -- Problem protocol ------------------------------------------------------------------
     @property
@@ -189,38 +251,176 @@ class _Evaluator:
 
     def losses(self, perturbations: Sequence[Perturbation]) -> npt.NDArray[np.float64]:
         out = np.empty(len(perturbations), dtype=np.float64)
+        groups: dict[int, list[int]] = {}
+        for k, pert in enumerate(perturbations):
+            groups.setdefault(pert.tensor, []).append(k)
         with torch.no_grad():
-            for k, pert in enumerate(perturbations):
-                p = self.params[pert.tensor]
-                value = torch.as_tensor(np.asarray(pert.value), dtype=p.dtype, device=p.device)
-                if pert.index is None:
-                    saved = p.detach().clone()
-                    p.copy_(value)
-                    try:
-                        out[k] = self._loss_value(self._call())
-                    finally:
-                        p.copy_(saved)
-                else:
-                    saved = p[pert.index].detach().clone()
-                    p[pert.index] = value
-                    try:
-                        out[k] = self._loss_value(self._call())
-                    finally:
-                        p[pert.index] = saved
+            for tensor, ks in groups.items():
+                out[ks] = self._group_losses(tensor, [perturbations[k] for k in ks])
         return out
 
-    # -- evaluation --------------------------------------------------------------------------
-    def _call(self, restore: bool = True) -> Any:
-        self.evaluations += 1
+    # -- one tensor's perturbations: the loop or vmap ------------------------------------------
+    def _group_losses(self, tensor: int, perts: list[Perturbation]) -> npt.NDArray[np.float64]:
+        name = self._names[tensor]
+        plan = None if self.batching is None else self.batching.get(name)
+        if plan is None and self.batching is not None:
+            plan = self.batching[name] = _Batching(forced=self.force_vmap)
+        chunk = self._chunk(tensor)
+        if plan is None or plan.mode == "loop" or len(perts) < 2:
+            return self._loop(perts)
+        if chunk < 2:
+            plan.give_up(name, "a batch of perturbed copies would not fit the memory budget")
+            return self._loop(perts)
+        if plan.mode == "vmap":
+            try:
+                return self._vmapped(tensor, perts, plan, chunk)
+            except Exception as exc:  # a layer without a batching rule, out of memory, ...
+                plan.give_up(name, f"vmap failed: {type(exc).__name__}: {exc}")
+                return self._loop(perts)
+        # Measuring: the first perturbation by the loop, all of them through vmap.
+        started = time.perf_counter()
+        first = float(self._loop(perts[:1])[0])
+        plan.loop_seconds.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        try:
+            values = self._vmapped(tensor, perts, plan, chunk)
+        except Exception as exc:
+            plan.give_up(name, f"vmap failed: {type(exc).__name__}: {exc}")
+            return np.concatenate([[first], self._loop(perts[1:])])
+        plan.vmap_seconds.append((time.perf_counter() - started) / len(perts))
+        tolerance = 1e4 * float(np.finfo(self.np_dtype).eps) * max(1.0, abs(first))
+        if not (abs(float(values[0]) - first) <= tolerance):
+            plan.give_up(
+                name, f"vmap gave a different loss ({float(values[0])!r} vs the loop's {first!r})"
+            )
+            return np.concatenate([[first], self._loop(perts[1:])])
+        if plan.mode == "measure":
+            plan.settle(name)
+        return values
+
+    def _loop(self, perturbations: Sequence[Perturbation]) -> npt.NDArray[np.float64]:
+        out = np.empty(len(perturbations), dtype=np.float64)
+        for k, pert in enumerate(perturbations):
+            p = self.params[pert.tensor]
+            value = torch.as_tensor(np.asarray(pert.value), dtype=p.dtype, device=p.device)
+            if pert.index is None:
+                saved = p.detach().clone()
+                p.copy_(value)
+                try:
+                    out[k] = self._loss_value(self._call())
+                finally:
+                    p.copy_(saved)
+            else:
+                saved = p[pert.index].detach().clone()
+                p[pert.index] = value
+                try:
+                    out[k] = self._loss_value(self._call())
+                finally:
+                    p[pert.index] = saved
+        return out
+
+    def _chunk(self, tensor: int) -> int:
+        """Perturbations per vmap call that keep it within the memory budget."""
+        p = self.params[tensor]
+        budget = VMAP_MEMORY_BYTES
+        if p.device.type == "cuda":
+            budget = min(budget * 4, torch.cuda.mem_get_info(p.device)[0] // 4)
+        per_copy = self._activation_bytes + p.numel() * p.element_size()
+        return int(min(VMAP_MAX_CHUNK, budget // max(per_copy, 1)))
+
+    def _fqn(self, tensor: int) -> str:
+        target = self.params[tensor]
+        for qualified, p in self.module.named_parameters():
+            if p is target:
+                return "inner." + qualified
+        raise KeyError(self._names[tensor])
+
+    def _vmapped(
+        self, tensor: int, perts: Sequence[Perturbation], plan: _Batching, chunk: int
+    ) -> npt.NDArray[np.float64]:
+        """Losses of one tensor's perturbations, ``chunk`` at a time in one ``vmap`` call each."""
+        from torch.func import functional_call, vmap
+
+        if self._wrapper is None:
+            self._wrapper = _LossModule(self.module, self.loss_fn)
+        wrapper, qualified = self._wrapper, self._fqn(tensor)
+        p = self.params[tensor].detach()
+        buffers = {"inner." + n: b for n, b in self.module.named_buffers()}
+
+        def loss(value: torch.Tensor, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
+            swapped = {qualified: value, **bufs}
+            return self._loss_tensor(functional_call(wrapper, swapped, (self.batch,))).reshape(())
+
+        out: list[npt.NDArray[np.float64]] = []
+        for begin in range(0, len(perts), chunk):
+            part = perts[begin : begin + chunk]
+            values = p.unsqueeze(0).repeat(len(part), *([1] * p.dim()))
+            for k, pert in enumerate(part):
+                v = torch.as_tensor(np.asarray(pert.value), dtype=p.dtype, device=p.device)
+                if pert.index is None:
+                    values[k] = v
+                else:
+                    values[(k, *pert.index)] = v
+            out.append(self._vmap_call(loss, values, buffers, plan, vmap, self._names[tensor]))
+        return np.concatenate(out)
+
+    def _vmap_call(
+        self,
+        loss: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+        values: torch.Tensor,
+        buffers: dict[str, torch.Tensor],
+        plan: _Batching,
+        vmap: Any,
+        name: str,
+    ) -> npt.NDArray[np.float64]:
+        n = values.shape[0]
+        attempts = [True] if plan.batched_buffers or not buffers else [False, True]
+        for k, batched in enumerate(attempts):
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    if batched:
+                        bufs = {
+                            key: b.unsqueeze(0).repeat(n, *([1] * b.dim()))
+                            for key, b in buffers.items()
+                        }
+                        fn = vmap(loss, in_dims=(0, 0), randomness="same")
+                    else:
+                        bufs, fn = {}, vmap(loss, in_dims=(0, None), randomness="same")
+                    result = self._seeded(lambda: fn(values, bufs))
+            except Exception:
+                if k + 1 == len(attempts):
+                    raise
+                continue  # e.g. BatchNorm: "running_mean ... not batched": batch the buffers too
+            self.evaluations += n
+            plan.batched_buffers = batched
+            slow = [str(w.message) for w in caught if "batching rule" in str(w.message)]
+            if slow:
+                plan.give_up(name, f"vmap has no batching rule here: {slow[0][:120]}")
+            return result.detach().double().cpu().numpy().reshape(n)
+        raise AssertionError("unreachable")
+
+    def _seeded(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` with the evaluation seed, every buffer put back afterwards."""
         try:
             with torch.random.fork_rng(devices=self.devices):
                 torch.default_generator.manual_seed(self.seed)
                 for index in self.devices:
                     torch.cuda.default_generators[index].manual_seed(self.seed)
-                return self.loss_fn(self.module, self.batch)
+                return fn()
         finally:
-            if restore:
-                self.restore_buffers()
+            self.restore_buffers()
+
+    # -- evaluation --------------------------------------------------------------------------
+    def _call(self, restore: bool = True) -> Any:
+        self.evaluations += 1
+        if restore:
+            return self._seeded(lambda: self.loss_fn(self.module, self.batch))
+        with torch.random.fork_rng(devices=self.devices):
+            torch.default_generator.manual_seed(self.seed)
+            for index in self.devices:
+                torch.cuda.default_generators[index].manual_seed(self.seed)
+            return self.loss_fn(self.module, self.batch)
 
     def restore_buffers(self) -> None:
         with torch.no_grad():
@@ -247,8 +447,14 @@ class _Evaluator:
     def compute_base(self) -> None:
         # Buffers are restored only after the backward pass: BatchNorm saves its running
         # statistics for backward, and writing them first would trip autograd's version check.
+        saved_bytes = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved_bytes[0] += t.numel() * t.element_size()
+            return t
+
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
                 loss = self._loss_tensor(self._call(restore=False)).reshape(())
                 self._base = float(loss.detach().item())
                 if loss.requires_grad:
@@ -257,9 +463,15 @@ class _Evaluator:
                     grads = tuple(None for _ in self.params)  # type: ignore[misc]
         finally:
             self.restore_buffers()
+        # What one forward keeps for backward: the estimate of a batched evaluation's memory.
+        self._activation_bytes = saved_bytes[0]
         self._grads = [
             None if g is None else (g.to_dense() if g.is_sparse else g).detach() for g in grads
         ]
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 class _Twin:
@@ -391,6 +603,10 @@ class TorchChecker:
         seed: Seed of the private sampling generator and of the evaluations' RNG.
         include: Regular expression(s) a parameter name must match.
         exclude: Regular expression(s) a parameter name must not match.
+        vectorize: ``None`` (default): evaluate each tensor's perturbations in batches with
+            ``torch.func.vmap`` where that gives the loop's losses and is faster (measured on the
+            first checks, per tensor); ``False``: always one at a time; ``True``: vmap wherever
+            it works, without timing it.
         prepare: Called as ``prepare(model, twin)`` once the twin is built (e.g. to restore a
             trainer reference or silence logging on it).
     """
@@ -408,6 +624,7 @@ class TorchChecker:
         seed: int = 0,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
+        vectorize: bool | None = None,
         prepare: Callable[[nn.Module, nn.Module], None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -427,6 +644,9 @@ class TorchChecker:
         self.num_params, self.mode, self.dtype_name = o.num_params, o.mode, o.dtype
         self.eps, self.rtol, self.seed = o.eps, o.rtol, o.seed
         self.include, self.exclude = o.include, o.exclude
+        self.vectorize = v.check_optional_bool("vectorize", vectorize)
+        #: Per-tensor choice of vmap or the loop, kept across checks.
+        self.batching: dict[str, _Batching] = {}
         self.model = unwrap_module(model)
         self.loss_fn = loss_fn
         self.prepare = prepare
@@ -482,8 +702,16 @@ class TorchChecker:
             device = params[0].device
             cast = cast_batch(batch, self.torch_dtype, device)
             evaluator = _Evaluator(
-                module, self.names, params, cast, self.loss_fn, eval_seed, self.torch_dtype
+                module,
+                self.names,
+                params,
+                cast,
+                self.loss_fn,
+                eval_seed,
+                self.torch_dtype,
+                batching=None if self.vectorize is False else self.batching,
             )
+            evaluator.force_vmap = self.vectorize is True
             try:
                 evaluator.compute_base()
                 report = check_problem(
@@ -517,6 +745,7 @@ def check_gradients(
     seed: int = 0,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
+    vectorize: bool | None = None,
 ) -> CheckReport:
     """Compare autodiff gradients of ``loss_fn(model, batch)`` with central finite differences.
 
@@ -538,6 +767,9 @@ def check_gradients(
         seed: Seed of the private sampling generator.
         include: Regular expression(s) on parameter names to check.
         exclude: Regular expression(s) on parameter names to skip.
+        vectorize: ``None``: evaluate perturbations in batches with ``torch.func.vmap`` where
+            that reproduces the loop's loss and is faster; ``False``: one at a time; ``True``:
+            vmap wherever it works.
 
     Returns:
         A :class:`~gradwatch.CheckReport`; ``str(report)`` is a readable table.
@@ -565,6 +797,7 @@ def check_gradients(
         seed=seed,
         include=include,
         exclude=exclude,
+        vectorize=vectorize,
     )
     return checker.check(batch)
 
