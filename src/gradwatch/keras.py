@@ -814,8 +814,14 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self._installed.append((model, "train_step"))
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        events, action = self._watcher.flush_health()  # the last, partly filled block
+        if self._sink is not None:
+            for e in events:
+                self._sink.text(tags.EVENTS_TAG, tags.event_text(e), e.step)
         self._uninstall()
         self._flush()
+        if action.error is not None:
+            raise action.error
 
     def _uninstall(self) -> None:
         if not self._installed:

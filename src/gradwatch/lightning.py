@@ -85,6 +85,17 @@ def _plain_batch_norm(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) ->
     )
 
 
+def _dot_ready(g: torch.Tensor) -> bool:
+    return g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64) and g.is_contiguous()
+
+
+def _callback_metrics(trainer: Trainer) -> dict[str, Any]:
+    """``trainer.callback_metrics`` without the property's per-access merge of logged results."""
+    connector = getattr(trainer, "_logger_connector", None)
+    metrics = getattr(connector, "_callback_metrics", None)
+    return metrics if isinstance(metrics, dict) else trainer.callback_metrics
+
+
 class GradWatch(WatchRecords, Callback):
     """Gradient checks and gradient-health monitoring for a Lightning ``Trainer``.
 
@@ -163,6 +174,7 @@ class GradWatch(WatchRecords, Callback):
         self._trainer: Trainer | None = None
         self._batch_idx = 0
         self._state_key: str | None = None
+        self._owned_cache: dict[int, tuple[tuple[int, int, int], list[tuple[str, nn.Parameter]]]] = {}
 
     # -- public records ------------------------------------------------------------------------
     @property
@@ -220,6 +232,7 @@ class GradWatch(WatchRecords, Callback):
         self._params = [
             (clean_name(n), p) for n, p in pl_module.named_parameters() if p.requires_grad
         ]
+        self._owned_cache = {}
         self._watcher.start({n: tuple(p.shape) for n, p in self._params})
         self._log_every = self.config.log_every_n_steps or max(
             1, int(getattr(trainer, "log_every_n_steps", 50))
@@ -241,8 +254,7 @@ class GradWatch(WatchRecords, Callback):
         step = self._step(trainer)
         if step % self.config.norm_every_n_steps != 0:
             return
-        in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        named = [(n, p.grad) for n, p in self._params if id(p) in in_opt and p.grad is not None]
+        named = [(n, p.grad) for n, p in self._owned(optimizer) if p.grad is not None]
         if not named:
             return
         norms = self._norms(named)
@@ -282,14 +294,41 @@ class GradWatch(WatchRecords, Callback):
         if step % self._log_every == 0 and trainer.global_rank == 0:
             self._write_histograms(trainer, named, step)
 
+    def _owned(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, nn.Parameter]]:
+        """The watched parameters this optimizer steps (cached until its groups change)."""
+        groups = optimizer.param_groups
+        key = (id(optimizer), len(groups), sum(len(g["params"]) for g in groups))
+        cached = self._owned_cache.get(key[0])
+        if cached is None or cached[0] != key:
+            ids = {id(p) for g in groups for p in g["params"]}
+            cached = (key, [(n, p) for n, p in self._params if id(p) in ids])
+            self._owned_cache[key[0]] = cached
+        return cached[1]
+
     @staticmethod
     def _norms(named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, float]:
-        """L2 norm of every gradient: one fused reduction per device/dtype, one host transfer."""
+        """L2 norm of every gradient with one host transfer.
+
+        On the CPU a BLAS dot product per tensor is the cheapest reduction (``_foreach_norm`` is
+        not fused there); elsewhere one fused ``_foreach_norm`` per device and dtype. A sum of
+        squares that overflows is recomputed in float64, so only a truly non-finite gradient
+        reads as non-finite.
+        """
         dense = [(n, g) for n, g in named if not g.is_sparse]
         sparse = [(n, g) for n, g in named if g.is_sparse]
         values: list[torch.Tensor] = []
         if dense:
-            values.extend(torch._foreach_norm([g for _, g in dense]))
+            grads = [g for _, g in dense]
+            if all(_dot_ready(g) for g in grads):
+                flat = [g.view(-1) for g in grads]
+                squares = torch.stack([torch.dot(f, f) for f in flat])
+                if not bool(torch.isfinite(squares).all()):
+                    squares = torch.stack(
+                        [torch.linalg.vector_norm(f, dtype=torch.float64) ** 2 for f in flat]
+                    )
+                values.extend(squares.sqrt().unbind())
+            else:
+                values.extend(torch._foreach_norm(grads))
         for _, g in sparse:
             values.append(torch.linalg.vector_norm(g.coalesce().values()))
         if not values:
@@ -328,7 +367,7 @@ class GradWatch(WatchRecords, Callback):
             write = step % self._log_every == 0
             events, action = self._watcher.observe_norms(step, norms, write=write and rank0)
             gnorm = global_norm(norms)
-            trainer.callback_metrics[tags.GLOBAL_NORM_TAG] = torch.tensor(gnorm)
+            _callback_metrics(trainer)[tags.GLOBAL_NORM_TAG] = torch.tensor(gnorm)
             if write and rank0:
                 self._log_scalars(trainer, tags.norm_scalars(norms, gnorm), step)
             self._act(trainer, action, events)
@@ -544,7 +583,11 @@ class GradWatch(WatchRecords, Callback):
                 lg.save()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._flush(trainer)
+        events, action = self._watcher.flush_health()  # the last, partly filled block
+        try:
+            self._act(trainer, action, events)
+        finally:
+            self._flush(trainer)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._watcher.close()

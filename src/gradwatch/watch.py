@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from gradwatch import _validate as v
 from gradwatch.core.health import HealthMonitor, HealthThresholds
 from gradwatch.core.policy import Action, Policy, dispatch, validate_policy
@@ -30,6 +32,9 @@ logger = logging.getLogger("gradwatch")
 #: Reports kept in memory (the latest); events kept (the first), with a count of the rest.
 MAX_REPORTS = 100
 MAX_EVENTS = 10_000
+#: Norm observations judged together (a block): the health rules' per-step cost is paid once per
+#: block. A non-finite or above-threshold value is judged at once, whatever the block holds.
+HEALTH_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -218,6 +223,13 @@ class Watcher:
         self.checks_done = 0
         self.skipped_steps = 0
         self.jsonl = JsonlSink(config.jsonl_path) if config.jsonl_path else None
+        # Norm observations waiting to be judged (see observe_norms).
+        self._block_names: tuple[str, ...] = ()
+        self._block_steps: list[int] = []
+        self._block = np.empty((HEALTH_BLOCK, 0))
+        self._block_scale = np.ones(0)
+        self._block_limit = np.ones(0)
+        self._pending_rows: list[tuple[int, dict[str, float]]] = []
 
     def start(self, shapes: Mapping[str, Sequence[int]]) -> None:
         """Know the tensors (name → shape, model order); keeps health state across restarts."""
@@ -276,15 +288,56 @@ class Watcher:
     def observe_norms(
         self, step: int, norms: Mapping[str, float], *, write: bool
     ) -> tuple[list[GradientEvent], Action]:
-        """Feed L2 norms of one optimizer step; returns the events that start now and the action."""
+        """Feed L2 norms of one optimizer step; returns the events that start now and the action.
+
+        Observations are judged in blocks of up to :data:`HEALTH_BLOCK` steps (same events, same
+        steps, as one at a time); a non-finite norm or one above ``explode_threshold`` is judged
+        at once, so ``nonfinite`` and absolute ``exploding`` act on the step they name. Vanishing
+        (which needs ``patience`` steps anyway) and sudden jumps act when their block is judged:
+        at most ``HEALTH_BLOCK - 1`` steps later, and at the end of training (:meth:`flush_health`).
+        """
         if self.health is None:
             self.start({k: (self.numels.get(k, 1),) for k in norms})
-        assert self.health is not None
-        events = self.health.observe(step, rms_values(norms, self.numels))
         if write and self.jsonl is not None:
             self.jsonl.write_norms(step, norms, global_norm(norms))
+        events: list[GradientEvent] = []
+        restored, self._pending_rows = self._pending_rows, []
+        for old_step, old_norms in restored:  # rows a checkpoint carried, not yet judged
+            events.extend(self._add_row(old_step, old_norms))
+        events.extend(self._add_row(step, norms))
         self._record_events(events)
         return events, dispatch(events, self.config.policies)
+
+    def _add_row(self, step: int, norms: Mapping[str, float]) -> list[GradientEvent]:
+        names = tuple(norms)
+        events: list[GradientEvent] = []
+        if names != self._block_names:
+            events.extend(self._judge_block())
+            self._block_names = names
+            scale = np.array([math.sqrt(max(1, self.numels.get(k, 1))) for k in names])
+            self._block_scale = scale
+            self._block_limit = scale * self.config.thresholds.explode_threshold
+            self._block = np.empty((HEALTH_BLOCK, len(names)))
+        row = np.fromiter(norms.values(), dtype=np.float64, count=len(names))
+        self._block[len(self._block_steps)] = row
+        self._block_steps.append(step)
+        if len(self._block_steps) == HEALTH_BLOCK or not np.all(row <= self._block_limit):
+            events.extend(self._judge_block())
+        return events
+
+    def flush_health(self) -> tuple[list[GradientEvent], Action]:
+        """Judge the observations still waiting in the current block (call at the end of training)."""
+        events = self._judge_block()
+        self._record_events(events)
+        return events, dispatch(events, self.config.policies)
+
+    def _judge_block(self) -> list[GradientEvent]:
+        if not self._block_steps or self.health is None:
+            return []
+        k = len(self._block_steps)
+        rms = self._block[:k] / self._block_scale
+        steps, self._block_steps = self._block_steps, []
+        return self.health.observe_block(steps, self._block_names, rms)
 
     def observe_report(self, report: CheckReport) -> Action:
         """Record a check report; returns the action its events call for."""
@@ -331,6 +384,11 @@ class Watcher:
             "checks_done": self.checks_done,
             "skipped_steps": self.skipped_steps,
             "events_dropped": self.events_dropped,
+            "pending_norms": {
+                "names": list(self._block_names),
+                "steps": list(self._block_steps),
+                "norms": self._block[: len(self._block_steps)].tolist(),
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -344,3 +402,9 @@ class Watcher:
             if self.health is None:  # shapes come with start(), which keeps this state
                 self.health = HealthMonitor({}, self.config.thresholds)
             self.health.load_state_dict(health)
+        pending = state.get("pending_norms") or {}
+        if pending.get("steps"):
+            self._pending_rows = [
+                (int(step), dict(zip(pending["names"], row, strict=True)))
+                for step, row in zip(pending["steps"], pending["norms"], strict=True)
+            ]

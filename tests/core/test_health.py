@@ -144,3 +144,79 @@ def test_vectorised_fast_path_gives_the_same_events_as_the_rules(seed):
         assert fast.observe(step, values) == slow.observe(step, values), step
     assert fast.state_dict() == slow.state_dict()
     assert sum(taken) > 100  # the fast path really ran
+
+
+def _stream(rng, steps):
+    """Healthy noise with NaN, spikes, vanishing spells and a structural zero that wakes up."""
+    import numpy as np
+
+    names = list(SHAPES)
+    out = []
+    spell, spell_left = "", 0
+    for step in range(steps):
+        values = dict(zip(names, (10 ** rng.uniform(-3, -1, len(names))).tolist(), strict=True))
+        roll = rng.random()
+        if roll < 0.005:
+            values[names[rng.integers(len(names))]] = float("nan")
+        elif roll < 0.01:
+            values[names[rng.integers(len(names))]] = 10 ** rng.uniform(1, 4)
+        elif roll < 0.02 and not spell_left:
+            # 0.weight is caught relative to the layer nearest the loss; 2.weight (that layer
+            # itself) only by the absolute threshold. Long spells fill whole blocks.
+            spell, spell_left = str(rng.choice(["0.weight", "2.weight"])), int(rng.integers(1, 40))
+        if spell_left:
+            # Above the absolute threshold for 0.weight (only the ratio rule sees it), below it
+            # for 2.weight.
+            values[spell] = 2e-7 if spell == "0.weight" else 1e-9
+            spell_left -= 1
+        if step < 40 or rng.random() < 0.01:
+            values["1.bias"] = 0.0
+        out.append(np.fromiter(values.values(), dtype=np.float64))
+    return names, np.array(out)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_blocks_give_exactly_the_events_of_one_observation_at_a_time(seed):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    names, rows = _stream(rng, 600)
+    tiny = (rows < 1e-6).any(axis=1)
+    th = HealthThresholds(min_history=5, patience=2, window=20)
+    block = HealthMonitor(SHAPES, th)
+    single = HealthMonitor(SHAPES, th)
+    quiet_blocks = 0
+    quiet = block._block_quiet
+
+    def counting(b):
+        nonlocal quiet_blocks
+        ok = quiet(b)
+        quiet_blocks += ok
+        return ok
+
+    block._block_quiet = counting
+    got, want = [], []
+    step = 0
+    while step < len(rows):
+        k = min(int(rng.integers(1, 17)), len(rows) - step)
+        starts = [i for i in range(step + 1, step + k) if tiny[i] and not tiny[i - 1]]
+        if starts and rng.random() < 0.7:  # often end a block right before a spell begins
+            k = starts[0] - step
+        got += block.observe_block(list(range(step, step + k)), names, rows[step : step + k])
+        for s in range(step, min(step + k, len(rows))):
+            want += single.observe(s, dict(zip(names, rows[s].tolist(), strict=True)))
+        step += k
+    assert got == want
+    assert block.state_dict() == single.state_dict()
+    assert quiet_blocks > 5  # whole blocks really went through the vectorised path
+
+
+def test_block_of_names_in_another_order_goes_row_by_row():
+    import numpy as np
+
+    mon = HealthMonitor(SHAPES, HealthThresholds(patience=1))
+    names = list(reversed(SHAPES))
+    rows = np.full((3, len(names)), 1e-2)
+    rows[2, names.index("0.weight")] = 1e-9
+    events = mon.observe_block([0, 1, 2], names, rows)
+    assert [(e.step, e.kind, e.param) for e in events] == [(2, "vanishing", "0.weight")]

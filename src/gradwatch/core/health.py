@@ -128,7 +128,9 @@ class HealthMonitor:
         self._ref_index = self.order.index(self.reference) if self.reference is not None else -1
         self._fast_ready = n > 0
         self._all_rows = np.arange(n)
-        self._structural_cache: tuple[frozenset[str], np.ndarray] | None = None
+        self._structural_cache: (
+            tuple[frozenset[str], tuple[np.ndarray, np.ndarray, np.ndarray | None]] | None
+        ) = None
 
     # -- history -----------------------------------------------------------------------------
     def _row(self, name: str) -> int:
@@ -200,56 +202,117 @@ class HealthMonitor:
             return True
         return False
 
-    def _structural_mask(self) -> np.ndarray:
+    def _masks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Row indices the fast path reduces over: judged rows, ratio-judged weights, structural."""
         key = frozenset(self._structural)
         if self._structural_cache is None or self._structural_cache[0] != key:
-            mask = np.array([n in key for n in self.order], dtype=bool)
-            self._structural_cache = (key, mask)
+            structural = np.array([n in key for n in self.order], dtype=bool)
+            judged = self._judged & ~structural
+            weights = judged & self._is_weight & self._not_ref
+            self._structural_cache = (
+                key,
+                (
+                    np.nonzero(judged)[0],
+                    np.nonzero(weights)[0],
+                    np.nonzero(structural)[0] if key else None,
+                ),
+            )
         return self._structural_cache[1]
 
     def _quiet(self, rms: Mapping[str, float]) -> bool:
         """Vectorised: True when this observation starts, continues and ends nothing.
 
         Then only the history needs updating; the per-tensor rules below run only on steps where
-        something is, or was, going on.
+        something is, or was, going on. A handful of reductions, whatever the number of tensors.
         """
         if not self._fast_ready or self._count or self._active or len(rms) != len(self.order):
+            return False
+        if len(self._seen) < len(self.order):
             return False
         try:
             v = np.fromiter((rms[n] for n in self.order), dtype=np.float64, count=len(self.order))
         except KeyError:
             return False
-        if not np.all(np.isfinite(v)) or len(self._seen) < len(self.order):
-            return False
         th = self.thresholds
-        if np.any(v > th.explode_threshold):
+        # NaN fails every comparison, so this one test also rules out non-finite values.
+        if not v.max() <= th.explode_threshold:
             return False
-        structural = self._structural_mask()
-        judged = self._judged & ~structural
-        if np.any(judged & (v < th.vanish_threshold)):
+        judged, weights, structural = self._masks()
+        if judged.size and v[judged].min() < th.vanish_threshold:
             return False
-        if self._ref_index >= 0:
+        if self._ref_index >= 0 and weights.size:
             ref = v[self._ref_index]
-            if ref > 0 and np.any(
-                judged
-                & self._is_weight
-                & self._not_ref
-                & (v < th.vanish_ceiling)
-                & (v < th.vanish_ratio * ref)
-            ):
+            if ref > 0 and v[weights].min() < min(th.vanish_ceiling, th.vanish_ratio * ref):
                 return False
-        if self._structural and np.any(structural & (v != 0.0)):
+        if structural is not None and np.any(v[structural] != 0.0):
             return False
-        ready = self._filled >= th.min_history
         # A jump over the median needs a jump over the minimum: one cheap reduction first, the
         # exact median only for rows that pass it (unfilled slots hold 0, so they always pass).
-        maybe = ready & (v > th.jump_factor * self._ring.min(axis=1))
-        for i in np.nonzero(maybe)[0]:
-            med = float(np.median(self._history(self.order[i])))
-            if med > 0 and v[i] > th.jump_factor * med:
+        maybe = v > th.jump_factor * self._ring.min(axis=1)
+        if maybe.any():
+            ready = self._filled >= th.min_history
+            for i in np.nonzero(maybe & ready)[0]:
+                med = float(np.median(self._history(self.order[i])))
+                if med > 0 and v[i] > th.jump_factor * med:
+                    return False
+        # Push the whole row at once.
+        self._ring[self._all_rows, self._pos] = v
+        self._pos += 1
+        self._pos %= th.window
+        np.minimum(self._filled + 1, th.window, out=self._filled)
+        return True
+
+    def observe_block(
+        self, steps: Sequence[int], names: Sequence[str], rms: np.ndarray
+    ) -> list[GradientEvent]:
+        """Feed several observations at once (row ``i`` of ``rms`` is step ``steps[i]``).
+
+        Gives exactly the events that :meth:`observe` row by row gives: when the whole block
+        provably starts, continues and ends nothing (a few reductions over the block), only the
+        history is updated; otherwise the rows go through :meth:`observe` one by one.
+
+        Example:
+            >>> mon = HealthMonitor({"w": (2, 2)}, HealthThresholds(patience=1))
+            >>> [e.step for e in mon.observe_block([0, 1], ["w"], np.array([[0.1], [float("nan")]]))]
+            [1]
+        """
+        rows = np.asarray(rms, dtype=np.float64).reshape(len(steps), len(names))
+        if len(steps) and list(names) == self.order and self._block_quiet(rows):
+            return []
+        events: list[GradientEvent] = []
+        for step, row in zip(steps, rows, strict=True):
+            events.extend(self.observe(int(step), dict(zip(names, row.tolist(), strict=True))))
+        return events
+
+    def _block_quiet(self, block: np.ndarray) -> bool:
+        """:meth:`_quiet` for a block of rows (in model order); pushes them all when True."""
+        k = block.shape[0]
+        th = self.thresholds
+        if not self._fast_ready or self._count or self._active or k > th.window:
+            return False
+        if len(self._seen) < len(self.order):
+            return False
+        if not block.max() <= th.explode_threshold:  # also catches NaN
+            return False
+        judged, weights, _ = self._masks()
+        if judged.size and block[:, judged].min() < th.vanish_threshold:
+            return False
+        if self._ref_index >= 0 and weights.size:
+            ref = block[:, self._ref_index]
+            limit = np.minimum(th.vanish_ceiling, th.vanish_ratio * ref)
+            if np.any((ref > 0) & (block[:, weights].min(axis=1) < limit)):
                 return False
-        rows = self._all_rows
-        self._push(rows, v)
+        # Every median a row is judged against is at least the minimum of the history and of the
+        # block: no value above jump_factor times that minimum means no jump anywhere. (This also
+        # covers a structural zero waking up: its history is all zeros.)
+        lowest = np.minimum(self._ring.min(axis=1), block.min(axis=0))
+        if np.any(block > th.jump_factor * lowest):
+            return False
+        cols = (self._pos[:, None] + np.arange(k)[None, :]) % th.window
+        self._ring[self._all_rows[:, None], cols] = block.T
+        self._pos += k
+        self._pos %= th.window
+        np.minimum(self._filled + k, th.window, out=self._filled)
         return True
 
     def observe(self, step: int, rms: Mapping[str, float]) -> list[GradientEvent]:
@@ -290,7 +353,11 @@ class HealthMonitor:
             crossed = self._vanishing(name, value, ref)
             if self._episode(f"vanishing:{name}", crossed is not None, th.patience):
                 assert crossed is not None
-                rel = f", {value / ref:.2g}× that of {self.reference}," if ref else ""
+                rel = (
+                    f", {value / ref:.2g}× that of {self.reference},"
+                    if ref and name != self.reference
+                    else ""
+                )
                 events.append(
                     GradientEvent(
                         step=step,
