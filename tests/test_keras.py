@@ -330,3 +330,64 @@ def test_inspect_reads_a_keras_run_with_events(tmp_path):
     got = sorted((e["step"], e["kind"], e["param"], e["message"]) for e in doc["events"])
     assert got == sorted((e.step, e.kind, e.param, e.message) for e in cb.events) and got
     assert main(["inspect", str(tmp_path), "--exit-zero"]) == 0
+
+
+# --- norms read from the device every HEALTH_BLOCK steps -------------------------------------------
+
+
+def _norm_lines(path):
+    lines = [json.loads(x) for x in Path(path).read_text().splitlines()]
+    return [x for x in lines if x.get("type") == "norms"]
+
+
+def test_norms_read_in_blocks_are_every_steps_own_norms(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = km.compiled(
+        keras.Sequential([keras.Input((12,)), keras.layers.Dense(16, "tanh"), keras.layers.Dense(4)]),
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=model.loss)
+    x, y = km.data("mlp", n=16 * 37)
+    weights = [np.array(w) for w in model.get_weights()]
+    path = tmp_path / "gw.jsonl"
+    cb = GradWatch(enable_checks=False, log_every_n_steps=1, jsonl_path=str(path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    rows = _norm_lines(path)
+    assert [r["step"] for r in rows] == list(range(1, 38))  # 37 steps: two full blocks and a tail
+    # Replay SGD by hand: every row holds the norms of that step's own gradients.
+    replay = km.compiled(
+        keras.Sequential([keras.Input((12,)), keras.layers.Dense(16, "tanh"), keras.layers.Dense(4)])
+    )
+    replay.set_weights(weights)
+    for step in range(37):
+        xb, yb = x[16 * step : 16 * (step + 1)], y[16 * step : 16 * (step + 1)]
+        with tf.GradientTape() as tape:
+            loss = replay.loss(yb, replay(xb, training=True))
+        grads = tape.gradient(loss, replay.trainable_variables)
+        want = [float(tf.norm(g)) for g in grads]  # model order, as the record's
+        got = [rows[step]["values"][v.path] for v in model.trainable_variables]
+        assert got == pytest.approx(want, rel=1e-5), step
+        for v, g in zip(replay.trainable_variables, grads, strict=True):
+            v.assign(v - 0.1 * g)
+
+
+def test_nonfinite_loss_is_judged_and_halts_on_its_own_step():
+    keras.utils.set_random_seed(0)
+    model = km.mlp()
+    x, y = km.data("mlp", n=16 * 40)
+    x[16 * 5 : 16 * 6] = np.nan  # the 6th batch
+    cb = GradWatch(enable_checks=False)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    assert [(e.kind, e.step) for e in cb.events] == [("nonfinite", 6)]
+    assert int(model.optimizer.iterations) == 6  # halted right after that step
+
+
+def test_steps_per_execution_gives_one_norm_record_per_callback_call(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = km.mlp()
+    model.compile(optimizer="adam", loss=model.loss, steps_per_execution=4)
+    x, y = km.data("mlp", n=16 * 12)
+    path = tmp_path / "gw.jsonl"
+    cb = GradWatch(enable_checks=False, log_every_n_steps=1, jsonl_path=str(path))
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    steps = [r["step"] for r in _norm_lines(path)]
+    assert steps == [1, 2, 3]  # one per execution, numbered by callback call (docs/keras.md)

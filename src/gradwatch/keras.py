@@ -37,7 +37,7 @@ from gradwatch.core.policy import Action
 from gradwatch.errors import GradientCheckError
 from gradwatch.report import CheckReport, GradientEvent
 from gradwatch.sinks import TensorBoardSink
-from gradwatch.watch import WatchConfig, Watcher, WatchRecords, global_norm
+from gradwatch.watch import HEALTH_BLOCK, WatchConfig, Watcher, WatchRecords, global_norm
 
 __all__ = ["GradWatch", "KerasChecker", "assert_gradients", "check_gradients"]
 
@@ -658,7 +658,13 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self._probe: tuple[Any, Any, Any] | None = None
         self._stash: tuple[Any, Any, Any] | None = None
         self._norm_names: list[str] = []
-        self._norm_source: Any = None
+        self._norm_source: Any = None  # TF: a (HEALTH_BLOCK, n + 1) ring of [norms..., seq]
+        self._norm_seq: Any = None  # TF: the in-graph sequence number of the last stored row
+        self._torch_rows: list[tuple[int, Any]] = []  # torch: (seq, norm vector) since last read
+        self._seen_seq = 0
+        self._since_read = 0
+        self._read_every = 1
+        self._last_row_only = False
         self._due_var: Any = None
         self._due_now = False
         self._installed: list[tuple[Any, str]] = []
@@ -715,13 +721,28 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         original = inner.apply
         backend = keras.backend.backend()
         n = len(model.trainable_variables)
+        # Norms stay on the device and are read every HEALTH_BLOCK steps (each row carries its
+        # sequence number, starting from the optimizer step), not one device read per step.
+        spe = int(getattr(model, "steps_per_execution", 1) or 1)
+        self._last_row_only = spe > 1  # one callback call per execution: its last step
+        self._read_every = 1 if spe > 1 else HEALTH_BLOCK
+        self._seen_seq = self._step
+        self._since_read = 0
+        self._torch_rows = []
         if backend == "tensorflow":
             import tensorflow as tf
 
             with tf.init_scope():
                 self._norm_source = tf.Variable(
-                    tf.zeros([n], tf.float32), trainable=False, name="gradwatch_norms"
+                    tf.zeros([HEALTH_BLOCK, n + 1], tf.float64),
+                    trainable=False,
+                    name="gradwatch_norms",
                 )
+                self._norm_seq = tf.Variable(
+                    tf.constant(self._step, tf.int64), trainable=False, name="gradwatch_seq"
+                )
+        else:
+            self._norm_source = self._torch_rows  # read through _drain_norms
 
         callback = self
 
@@ -745,21 +766,26 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         if backend == "tensorflow":
             import tensorflow as tf
 
-            values = []
+            # Half squared norms with one fused op per tensor (tf.nn.l2_loss), one sqrt for all.
+            halves = []
             for g in grads:
                 if g is None:
-                    values.append(tf.constant(0.0, tf.float32))
+                    halves.append(tf.constant(0.0, tf.float32))
                     continue
                 if isinstance(g, tf.IndexedSlices):
                     unique, inverse = tf.unique(g.indices)
-                    summed = tf.math.unsorted_segment_sum(g.values, inverse, tf.shape(unique)[0])
-                    values.append(tf.cast(tf.norm(summed), tf.float32))
-                else:
-                    values.append(tf.cast(tf.norm(g), tf.float32))
-            stacked = tf.stack(values)
-            if self._norm_source.shape != stacked.shape:
+                    g = tf.math.unsorted_segment_sum(g.values, inverse, tf.shape(unique)[0])
+                if g.dtype in (tf.float16, tf.bfloat16):
+                    g = tf.cast(g, tf.float32)  # a half-precision sum of squares overflows early
+                halves.append(tf.cast(tf.nn.l2_loss(g), tf.float32))
+            stacked = tf.sqrt(2.0 * tf.cast(tf.stack(halves), tf.float64))
+            if self._norm_source.shape[1] != stacked.shape[0] + 1:
                 return
-            self._norm_source.assign(stacked)
+            seq = self._norm_seq.assign_add(1)
+            row = tf.concat([stacked, tf.reshape(tf.cast(seq, tf.float64), [1])], 0)
+            self._norm_source.scatter_nd_update(
+                tf.reshape(seq % HEALTH_BLOCK, [1, 1]), tf.reshape(row, [1, -1])
+            )
         else:
             import torch
 
@@ -770,13 +796,13 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
                 else []
             )
             it = iter(norms)
-            self._norm_source = (
-                torch.stack(
+            if grads:
+                stacked = torch.stack(
                     [next(it).float() if g is not None else torch.zeros(()) for g in grads]
                 ).detach()
-                if grads
-                else None
-            )
+                last = self._torch_rows[-1][0] if self._torch_rows else self._seen_seq
+                self._torch_rows.append((last + 1, stacked))
+                del self._torch_rows[:-HEALTH_BLOCK]
 
     def _install_capture(self, model: Any) -> None:
         original = model.train_step
@@ -814,7 +840,13 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self._installed.append((model, "train_step"))
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        events, action = self._watcher.flush_health()  # the last, partly filled block
+        events: list[GradientEvent] = []
+        action = Action()
+        if self._norm_source is not None and self._since_read:
+            events, action = self._observe_norms(self._step)
+        more, last = self._watcher.flush_health()  # the last, partly filled block
+        events += more
+        action = Action(halt=action.halt or last.halt, error=action.error or last.error)
         if self._sink is not None:
             for e in events:
                 self._sink.text(tags.EVENTS_TAG, tags.event_text(e), e.step)
@@ -830,6 +862,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             with contextlib.suppress(AttributeError):
                 delattr(obj, name)
         self._installed = []
+        self._norm_source = self._norm_seq = None
         self.model.train_function = None  # rebuilt by the next fit, without gradwatch
         if hasattr(self.model, "make_train_function"):
             self.model.make_train_function(force=True)
@@ -859,15 +892,14 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             self._sink.layout()
         action = Action()
         events: list[GradientEvent] = []
-        if self._norm_source is not None and index % self.config.norm_every_n_steps == 0:
-            values = self._read_norms()
-            norms = dict(zip(self._norm_names, values.tolist(), strict=False))
-            if norms:
-                write = index % self._log_every == 0
-                events, action = self._watcher.observe_norms(step, norms, write=write)
-                self._last_norm = global_norm(norms)
-                if write and self._sink is not None:
-                    self._sink.scalars(step, tags.norm_scalars(norms, self._last_norm))
+        if self._norm_source is not None:
+            self._since_read += 1
+            # A non-finite loss in the logs (already on the host) means: read and judge now.
+            urgent = logs is not None and any(
+                isinstance(x, float) and not math.isfinite(x) for x in logs.values()
+            )
+            if urgent or self._since_read >= self._read_every:
+                events, action = self._observe_norms(step)
         if self._due_now:
             report = self._run_check(step)
             if report is not None:
@@ -883,6 +915,10 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
                 logs["gradwatch_grad_norm"] = self._last_norm
             if self._last_error is not None:
                 logs["gradwatch_rel_error"] = self._last_error
+        self._after(events, action)
+
+    def _after(self, events: Sequence[GradientEvent], action: Action) -> None:
+        """Write the events, then act: raise (writers flushed first) or halt."""
         if self._sink is not None:
             for e in events:
                 self._sink.text(tags.EVENTS_TAG, tags.event_text(e), e.step)
@@ -893,14 +929,54 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         if action.halt:
             self.model.stop_training = True
 
-    def _read_norms(self) -> np.ndarray[Any, Any]:
-        """The norm vector the last step stored: one small device read, no Keras conversion."""
-        source = self._norm_source
-        if hasattr(source, "detach"):  # torch
-            return np.asarray(source.detach().cpu().numpy(), dtype=np.float64)
-        return np.asarray(source.numpy(), dtype=np.float64)  # tf.Variable
+    def _drain_norms(self, step: int) -> tuple[list[int], np.ndarray[Any, Any]]:
+        """Rows stored since the last read, oldest first, with their steps (one device read)."""
+        self._since_read = 0
+        if self._norm_seq is not None:  # TensorFlow ring
+            buf = np.asarray(self._norm_source.numpy(), dtype=np.float64)
+            seqs, values = buf[:, -1].astype(np.int64), buf[:, :-1]
+        else:  # torch: host list of device vectors
+            rows, self._torch_rows[:] = list(self._torch_rows), []
+            if not rows:
+                return [], np.zeros((0, len(self._norm_names)))
+            import torch
+
+            seqs = np.array([q for q, _ in rows], dtype=np.int64)
+            values = torch.stack([t for _, t in rows]).cpu().numpy().astype(np.float64)
+        fresh = seqs > self._seen_seq
+        if not fresh.any():
+            return [], values[:0]
+        order = np.argsort(seqs[fresh])
+        seqs, values = seqs[fresh][order], values[fresh][order]
+        self._seen_seq = int(seqs[-1])
+        if self._last_row_only:
+            return [step], values[-1:]
+        return seqs.tolist(), values
+
+    def _observe_norms(self, step: int) -> tuple[list[GradientEvent], Action]:
+        steps, values = self._drain_norms(step)
+        every = self.config.norm_every_n_steps
+        keep = [i for i, s in enumerate(steps) if (s - 1) % every == 0]
+        if not keep or not self._norm_names:
+            return [], Action()
+        steps = [steps[i] for i in keep]
+        values = values[keep][:, : len(self._norm_names)]
+        write = [(s - 1) % self._log_every == 0 for s in steps]
+        events, action = self._watcher.observe_norm_rows(
+            steps, self._norm_names, values, write=write
+        )
+        self._last_norm = float(np.sqrt(np.sum(values[-1] ** 2)))
+        if self._sink is not None:
+            for i, w in enumerate(write):
+                if w:
+                    norms = dict(zip(self._norm_names, values[i].tolist(), strict=True))
+                    self._sink.scalars(steps[i], tags.norm_scalars(norms, global_norm(norms)))
+        return events, action
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._norm_source is not None and self._since_read:
+            events, action = self._observe_norms(self._step)  # the epoch's last steps
+            self._after(events, action)
         if logs is not None:
             if self._last_norm is not None:
                 logs["gradwatch_grad_norm"] = self._last_norm

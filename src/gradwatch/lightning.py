@@ -85,10 +85,6 @@ def _plain_batch_norm(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) ->
     )
 
 
-def _dot_ready(g: torch.Tensor) -> bool:
-    return g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64) and g.is_contiguous()
-
-
 def _callback_metrics(trainer: Trainer) -> dict[str, Any]:
     """``trainer.callback_metrics`` without the property's per-access merge of logged results."""
     connector = getattr(trainer, "_logger_connector", None)
@@ -307,28 +303,12 @@ class GradWatch(WatchRecords, Callback):
 
     @staticmethod
     def _norms(named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, float]:
-        """L2 norm of every gradient with one host transfer.
-
-        On the CPU a BLAS dot product per tensor is the cheapest reduction (``_foreach_norm`` is
-        not fused there); elsewhere one fused ``_foreach_norm`` per device and dtype. A sum of
-        squares that overflows is recomputed in float64, so only a truly non-finite gradient
-        reads as non-finite.
-        """
+        """L2 norm of every gradient: one fused reduction per device/dtype, one host transfer."""
         dense = [(n, g) for n, g in named if not g.is_sparse]
         sparse = [(n, g) for n, g in named if g.is_sparse]
         values: list[torch.Tensor] = []
         if dense:
-            grads = [g for _, g in dense]
-            if all(_dot_ready(g) for g in grads):
-                flat = [g.view(-1) for g in grads]
-                squares = torch.stack([torch.dot(f, f) for f in flat])
-                if not bool(torch.isfinite(squares).all()):
-                    squares = torch.stack(
-                        [torch.linalg.vector_norm(f, dtype=torch.float64) ** 2 for f in flat]
-                    )
-                values.extend(squares.sqrt().unbind())
-            else:
-                values.extend(torch._foreach_norm(grads))
+            values.extend(torch._foreach_norm([g for _, g in dense]))
         for _, g in sparse:
             values.append(torch.linalg.vector_norm(g.coalesce().values()))
         if not values:

@@ -308,8 +308,37 @@ class Watcher:
         self._record_events(events)
         return events, dispatch(events, self.config.policies)
 
+    def observe_norm_rows(
+        self,
+        steps: Sequence[int],
+        names: Sequence[str],
+        rows: np.ndarray,
+        *,
+        write: Sequence[bool],
+    ) -> tuple[list[GradientEvent], Action]:
+        """:meth:`observe_norms` for several steps read at once (row ``i`` is step ``steps[i]``)."""
+        if self.health is None:
+            self.start({k: (self.numels.get(k, 1),) for k in names})
+        if self.jsonl is not None:
+            for i, w in enumerate(write):
+                if w:
+                    norms = dict(zip(names, rows[i].tolist(), strict=True))
+                    self.jsonl.write_norms(int(steps[i]), norms, global_norm(norms))
+        events: list[GradientEvent] = []
+        restored, self._pending_rows = self._pending_rows, []
+        for old_step, old_norms in restored:
+            events.extend(self._add_row(old_step, old_norms))
+        events.extend(self._add_rows([int(x) for x in steps], tuple(names), rows))
+        self._record_events(events)
+        return events, dispatch(events, self.config.policies)
+
     def _add_row(self, step: int, norms: Mapping[str, float]) -> list[GradientEvent]:
-        names = tuple(norms)
+        row = np.fromiter(norms.values(), dtype=np.float64, count=len(norms))
+        return self._add_rows([step], tuple(norms), row[None, :])
+
+    def _add_rows(
+        self, steps: list[int], names: tuple[str, ...], rows: np.ndarray
+    ) -> list[GradientEvent]:
         events: list[GradientEvent] = []
         if names != self._block_names:
             events.extend(self._judge_block())
@@ -318,11 +347,16 @@ class Watcher:
             self._block_scale = scale
             self._block_limit = scale * self.config.thresholds.explode_threshold
             self._block = np.empty((HEALTH_BLOCK, len(names)))
-        row = np.fromiter(norms.values(), dtype=np.float64, count=len(names))
-        self._block[len(self._block_steps)] = row
-        self._block_steps.append(step)
-        if len(self._block_steps) == HEALTH_BLOCK or not np.all(row <= self._block_limit):
-            events.extend(self._judge_block())
+        start = 0
+        while start < len(steps):
+            filled = len(self._block_steps)
+            chunk = rows[start : start + HEALTH_BLOCK - filled]
+            k = len(chunk)
+            self._block[filled : filled + k] = chunk
+            self._block_steps.extend(steps[start : start + k])
+            if len(self._block_steps) == HEALTH_BLOCK or not np.all(chunk <= self._block_limit):
+                events.extend(self._judge_block())
+            start += k
         return events
 
     def flush_health(self) -> tuple[list[GradientEvent], Action]:
