@@ -343,7 +343,9 @@ def _norm_lines(path):
 def test_norms_read_in_blocks_are_every_steps_own_norms(tmp_path):
     keras.utils.set_random_seed(0)
     model = km.compiled(
-        keras.Sequential([keras.Input((12,)), keras.layers.Dense(16, "tanh"), keras.layers.Dense(4)]),
+        keras.Sequential(
+            [keras.Input((12,)), keras.layers.Dense(16, "tanh"), keras.layers.Dense(4)]
+        ),
     )
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=model.loss)
     x, y = km.data("mlp", n=16 * 37)
@@ -355,7 +357,9 @@ def test_norms_read_in_blocks_are_every_steps_own_norms(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 38))  # 37 steps: two full blocks and a tail
     # Replay SGD by hand: every row holds the norms of that step's own gradients.
     replay = km.compiled(
-        keras.Sequential([keras.Input((12,)), keras.layers.Dense(16, "tanh"), keras.layers.Dense(4)])
+        keras.Sequential(
+            [keras.Input((12,)), keras.layers.Dense(16, "tanh"), keras.layers.Dense(4)]
+        )
     )
     replay.set_weights(weights)
     for step in range(37):

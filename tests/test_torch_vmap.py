@@ -174,4 +174,6 @@ def test_in_place_model_through_vmap_is_restored_exactly(every_group):
 
 def test_vectorize_must_be_a_bool_or_none():
     with pytest.raises(ValueError, match=r"vectorize must be True, False or None, got 'auto'"):
-        check_gradients(nn.Linear(2, 1), torch.randn(3, 2), lambda m, x: m(x).sum(), vectorize="auto")
+        check_gradients(
+            nn.Linear(2, 1), torch.randn(3, 2), lambda m, x: m(x).sum(), vectorize="auto"
+        )

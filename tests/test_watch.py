@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gradwatch.watch import HEALTH_BLOCK, Watcher, WatchConfig
+from gradwatch.watch import HEALTH_BLOCK, WatchConfig, Watcher
 
 SHAPES = {"0.weight": (4, 4), "0.bias": (4,), "1.weight": (2, 4), "1.bias": (2,)}
 

@@ -883,7 +883,6 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         train_seconds = time.perf_counter() - self._t_start
-        index = self._step
         self._step += 1
         step = self._step  # optimizer.iterations after the update, as keras.callbacks.TensorBoard
         meta = self._watcher.meta_once()

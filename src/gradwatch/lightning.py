@@ -170,7 +170,9 @@ class GradWatch(WatchRecords, Callback):
         self._trainer: Trainer | None = None
         self._batch_idx = 0
         self._state_key: str | None = None
-        self._owned_cache: dict[int, tuple[tuple[int, int, int], list[tuple[str, nn.Parameter]]]] = {}
+        self._owned_cache: dict[
+            int, tuple[tuple[int, int, int], list[tuple[str, nn.Parameter]]]
+        ] = {}
 
     # -- public records ------------------------------------------------------------------------
     @property

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import random
 import sys
@@ -396,7 +397,7 @@ class _Evaluator:
                         fn = vmap(loss, in_dims=(0, 0), randomness="same")
                     else:
                         bufs, fn = {}, vmap(loss, in_dims=(0, None), randomness="same")
-                    result = self._seeded(lambda: fn(values, bufs))
+                    result = self._seeded(functools.partial(fn, values, bufs))
             except Exception:
                 if k + 1 == len(attempts):
                     raise
@@ -406,7 +407,8 @@ class _Evaluator:
             slow = [str(w.message) for w in caught if "batching rule" in str(w.message)]
             if slow:
                 plan.give_up(name, f"vmap has no batching rule here: {slow[0][:120]}")
-            return result.detach().double().cpu().numpy().reshape(n)
+            out: npt.NDArray[np.float64] = result.detach().double().cpu().numpy().reshape(n)
+            return out
         raise AssertionError("unreachable")
 
     def _seeded(self, fn: Callable[[], Any]) -> Any:
