@@ -26,7 +26,10 @@ with strategy.scope():
     keras.utils.set_random_seed(0)
     model = km.mlp()
 r_mirror = check_gradients(model, x, y)
-cb = GradWatch(check_every_n_steps=2, data=(x[:16], y[:16]))
+jsonl = Path(sys.argv[1]).with_suffix(".jsonl")
+cb = GradWatch(
+    check_every_n_steps=2, data=(x[:16], y[:16]), jsonl_path=str(jsonl), log_every_n_steps=1
+)
 hist = model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
 Path(sys.argv[1]).write_text(
     json.dumps(
@@ -39,6 +42,11 @@ Path(sys.argv[1]).write_text(
             "callback": [r.verdict for r in cb.reports],
             "events": [e.kind for e in cb.events],
             "norms": [float(v) for v in hist.history.get("gradwatch_grad_norm", [])],
+            "norm_steps": [
+                r["step"]
+                for r in map(json.loads, jsonl.read_text().splitlines())
+                if r["type"] == "norms"
+            ],
         }
     )
 )

@@ -297,6 +297,7 @@ def test_mirrored_strategy_same_verdicts_as_without(tmp_path):
     assert result["same_entries"] and result["rel"][0] == result["rel"][1]
     assert result["callback"] == ["pass", "pass"] and result["events"] == []
     assert result["norms"] and all(np.isfinite(result["norms"]))
+    assert result["norm_steps"] == [1, 2, 3, 4]  # one row per step, not one per replica
 
 
 def test_default_schedule_decisions_are_logged(tmp_path):

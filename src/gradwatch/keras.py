@@ -781,11 +781,24 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             stacked = tf.sqrt(2.0 * tf.cast(tf.stack(halves), tf.float64))
             if self._norm_source.shape[1] != stacked.shape[0] + 1:
                 return
-            seq = self._norm_seq.assign_add(1)
-            row = tf.concat([stacked, tf.reshape(tf.cast(seq, tf.float64), [1])], 0)
-            self._norm_source.scatter_nd_update(
-                tf.reshape(seq % HEALTH_BLOCK, [1, 1]), tf.reshape(row, [1, -1])
-            )
+
+            def store() -> Any:
+                seq = self._norm_seq.assign_add(1)
+                row = tf.concat([stacked, tf.reshape(tf.cast(seq, tf.float64), [1])], 0)
+                self._norm_source.scatter_nd_update(
+                    tf.reshape(seq % HEALTH_BLOCK, [1, 1]), tf.reshape(row, [1, -1])
+                )
+                return tf.constant(0)
+
+            # Under a distribution strategy every replica calls apply: one row per step, from
+            # the first replica.
+            context = tf.distribute.get_replica_context()
+            replica = 0 if context is None else context.replica_id_in_sync_group
+            if isinstance(replica, int):
+                if replica == 0:
+                    store()
+            else:
+                tf.cond(tf.equal(replica, 0), store, lambda: tf.constant(0))
         else:
             import torch
 

@@ -320,7 +320,9 @@ class GradWatch(WatchRecords, Callback):
             stacked = torch.stack(values)
         else:
             stacked = torch.stack([x.to(device=first.device, dtype=torch.float32) for x in values])
-        host = stacked.float().cpu().tolist()
+        if stacked.dtype != torch.float32 or stacked.device.type != "cpu":
+            stacked = stacked.float().cpu()
+        host = stacked.tolist()
         names = [n for n, _ in dense] + [n for n, _ in sparse]
         return dict(zip(names, host, strict=True))
 
@@ -546,6 +548,8 @@ class GradWatch(WatchRecords, Callback):
     def _act(
         self, trainer: Trainer, action: Action, events: Sequence[GradientEvent] | None
     ) -> None:
+        if not events and action.error is None and not action.halt:
+            return  # the common case, every step
         if trainer.global_rank == 0:
             for w in self._tensorboards(trainer):
                 for e in events or ():

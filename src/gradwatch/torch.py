@@ -269,9 +269,9 @@ class _Evaluator:
         plan = None if self.batching is None else self.batching.get(name)
         if plan is None and self.batching is not None:
             plan = self.batching[name] = _Batching(forced=self.force_vmap)
-        chunk = self._chunk(tensor)
         if plan is None or plan.mode == "loop" or len(perts) < VMAP_MIN_GROUP:
             return self._loop(perts)
+        chunk = self._chunk(tensor)
         if chunk < 2:
             plan.give_up(name, "a batch of perturbed copies would not fit the memory budget")
             return self._loop(perts)
