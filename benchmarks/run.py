@@ -481,11 +481,94 @@ def bench_keras(repeats: int, steps: int) -> None:
     )
 
 
+def bench_budget(steps: int) -> None:
+    """One long run per framework at defaults: the checks' share of training time."""
+    import logging
+    import warnings
+
+    import lightning as L
+
+    from gradwatch.lightning import GradWatch
+
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = MLP()
+
+        def training_step(self, batch, i):
+            return loss_fn(self.net, batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    x, y = torch_batch("mlp")
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x.repeat(8, 1), y.repeat(8)), batch_size=64
+    )
+    cb = GradWatch()
+    trainer = L.Trainer(
+        max_steps=steps,
+        max_epochs=100_000,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    start = time.perf_counter()
+    trainer.fit(Module(), data)
+    total = time.perf_counter() - start
+    spent = [r.seconds for r in cb.reports]
+    row(
+        f"Lightning fit, {steps} steps, defaults: checks' share of the run",
+        f"{100 * sum(spent) / total:.2f}%",
+        f"max_overhead 2%; {len(spent)} checks: "
+        + ", ".join(f"{r.seconds:.2f}s/{r.evaluations} evaluations" for r in cb.reports),
+    )
+    try:
+        import keras
+    except ImportError:
+        return
+    from gradwatch.keras import GradWatch as KerasWatch
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    xs, ys = x.numpy().repeat(steps // 10, axis=0), y.numpy().repeat(steps // 10)
+    kcb = KerasWatch()
+    start = time.perf_counter()
+    model.fit(xs, ys, batch_size=64, epochs=10, verbose=0, callbacks=[kcb])
+    total = time.perf_counter() - start
+    spent = [r.seconds for r in kcb.reports]
+    row(
+        f"Keras fit, {steps} steps, defaults: checks' share of the run",
+        f"{100 * sum(spent) / total:.2f}%",
+        f"max_overhead 2%; {len(spent)} checks: "
+        + ", ".join(f"{r.seconds:.2f}s/{r.evaluations} evaluations" for r in kcb.reports),
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repeats and steps")
     ap.add_argument("--write", metavar="FILE", help="write the table as Markdown")
     ap.add_argument("--skip-keras", action="store_true")
+    ap.add_argument("--only-budget", action="store_true", help="only the long runs")
     args = ap.parse_args()
     repeats = 3 if args.quick else 7
     steps = 500 if args.quick else 2000
@@ -493,11 +576,13 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {THREADS} thread(s)"
     )
     print(f"gradwatch benchmarks — {machine}; torch {torch.__version__}\n")
-    bench_torch_checks(repeats)
-    bench_torch_norms(repeats)
-    bench_lightning_fit(steps)
-    if not args.skip_keras:
-        bench_keras(repeats, steps)
+    if not args.only_budget:
+        bench_torch_checks(repeats)
+        bench_torch_norms(repeats)
+        bench_lightning_fit(steps)
+        if not args.skip_keras:
+            bench_keras(repeats, steps)
+    bench_budget(2_000 if args.quick else 20_000)
     if args.write:
         lines = [
             f"Measured on: {machine}, torch {torch.__version__}; medians of interleaved runs.",
