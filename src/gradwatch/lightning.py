@@ -315,10 +315,10 @@ class GradWatch(WatchRecords, Callback):
             values.append(torch.linalg.vector_norm(g.coalesce().values()))
         if not values:
             return {}
-        first = values[0]
-        if all(x.dtype == first.dtype and x.device == first.device for x in values):
-            stacked = torch.stack(values)
-        else:
+        try:
+            stacked = torch.stack(values)  # promotes mixed dtypes
+        except RuntimeError:  # tensors on several devices
+            first = values[0]
             stacked = torch.stack([x.to(device=first.device, dtype=torch.float32) for x in values])
         if stacked.dtype != torch.float32 or stacked.device.type != "cpu":
             stacked = stacked.float().cpu()

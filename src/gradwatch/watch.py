@@ -229,6 +229,7 @@ class Watcher:
         self._block = np.empty((HEALTH_BLOCK, 0))
         self._block_scale = np.ones(0)
         self._block_limit = np.ones(0)
+        self._limit_list: list[float] = []
         self._pending_rows: list[tuple[int, dict[str, float]]] = []
 
     def start(self, shapes: Mapping[str, Sequence[int]]) -> None:
@@ -333,6 +334,16 @@ class Watcher:
         return events, dispatch(events, self.config.policies)
 
     def _add_row(self, step: int, norms: Mapping[str, float]) -> list[GradientEvent]:
+        filled = len(self._block_steps)
+        if filled < HEALTH_BLOCK and tuple(norms) == self._block_names:
+            # The every-step path: a row into the block, an urgency test in plain Python.
+            values = list(norms.values())
+            self._block[filled] = values
+            self._block_steps.append(step)
+            calm = all(x <= lim for x, lim in zip(values, self._limit_list, strict=True))
+            if filled + 1 == HEALTH_BLOCK or not calm:  # NaN is never <= a limit
+                return self._judge_block()
+            return []
         row = np.fromiter(norms.values(), dtype=np.float64, count=len(norms))
         return self._add_rows([step], tuple(norms), row[None, :])
 
@@ -346,6 +357,7 @@ class Watcher:
             scale = np.array([math.sqrt(max(1, self.numels.get(k, 1))) for k in names])
             self._block_scale = scale
             self._block_limit = scale * self.config.thresholds.explode_threshold
+            self._limit_list = self._block_limit.tolist()
             self._block = np.empty((HEALTH_BLOCK, len(names)))
         start = 0
         while start < len(steps):
@@ -354,7 +366,7 @@ class Watcher:
             k = len(chunk)
             self._block[filled : filled + k] = chunk
             self._block_steps.extend(steps[start : start + k])
-            if len(self._block_steps) == HEALTH_BLOCK or not np.all(chunk <= self._block_limit):
+            if len(self._block_steps) == HEALTH_BLOCK or not (chunk <= self._block_limit).all():
                 events.extend(self._judge_block())
             start += k
         return events
