@@ -153,16 +153,6 @@ class WatchConfig:
         return asdict(self)
 
 
-def rms_values(norms: Mapping[str, float], numels: Mapping[str, int]) -> dict[str, float]:
-    """``‖g‖₂ / √numel`` per tensor.
-
-    Example:
-        >>> rms_values({"w": 4.0}, {"w": 4})
-        {'w': 2.0}
-    """
-    return {k: float(n) / math.sqrt(max(1, numels.get(k, 1))) for k, n in norms.items()}
-
-
 def global_norm(norms: Mapping[str, float]) -> float:
     """``sqrt(Σ ‖g‖²)``.
 
