@@ -853,20 +853,23 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self._installed.append((model, "train_step"))
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        events, action = self._catch_up(final=True)
+        try:
+            self._after(events, Action(error=action.error))  # nothing left to halt
+        finally:
+            self._uninstall()
+            self._flush()
+
+    def _catch_up(self, *, final: bool) -> tuple[list[GradientEvent], Action]:
+        """Judge the norm rows not yet read (and, when ``final``, the last partial block)."""
         events: list[GradientEvent] = []
         action = Action()
         if self._norm_source is not None and self._since_read:
             events, action = self._observe_norms(self._step)
-        more, last = self._watcher.flush_health()  # the last, partly filled block
-        events += more
-        action = Action(halt=action.halt or last.halt, error=action.error or last.error)
-        if self._sink is not None:
-            for e in events:
-                self._sink.text(tags.EVENTS_TAG, tags.event_text(e), e.step)
-        self._uninstall()
-        self._flush()
-        if action.error is not None:
-            raise action.error
+        if final:
+            more, last = self._watcher.flush_health()
+            events, action = events + more, action.merged(last)
+        return events, action
 
     def _uninstall(self) -> None:
         if not self._installed:
@@ -916,7 +919,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             report = self._run_check(step)
             if report is not None:
                 sub = self._watcher.observe_report(report)
-                action = Action(halt=action.halt or sub.halt, error=action.error or sub.error)
+                action = action.merged(sub)
                 events += list(report.events)
                 self._last_error = report.max_rel_error
                 if self._sink is not None:
@@ -986,9 +989,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         return events, action
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if self._norm_source is not None and self._since_read:
-            events, action = self._observe_norms(self._step)  # the epoch's last steps
-            self._after(events, action)
+        self._after(*self._catch_up(final=False))  # the epoch's last steps
         if logs is not None:
             if self._last_norm is not None:
                 logs["gradwatch_grad_norm"] = self._last_norm

@@ -424,7 +424,7 @@ class GradWatch(WatchRecords, Callback):
             other = self._watcher.observe_event
             for e in extra:
                 sub = other(e)
-                action = Action(halt=action.halt or sub.halt, error=action.error or sub.error)
+                action = action.merged(sub)
         if trainer.global_rank == 0:
             self._log_scalars(trainer, tags.report_scalars(report), step)
         self._act(trainer, action, events)

@@ -209,6 +209,7 @@ class _Evaluator:
         seed: int,
         dtype: torch.dtype,
         batching: dict[str, _Batching] | None = None,
+        force_vmap: bool = False,
     ) -> None:
         self.module = module
         self._names = names
@@ -225,7 +226,7 @@ class _Evaluator:
         self.evaluations = 0
         #: Per-tensor vmap plans (shared with the checker across checks); ``None``: loop only.
         self.batching = batching
-        self.force_vmap = False
+        self.force_vmap = force_vmap
         self._activation_bytes = 0
         self._wrapper: _LossModule | None = None
 
@@ -411,13 +412,19 @@ class _Evaluator:
             return out
         raise AssertionError("unreachable")
 
+    @contextmanager
+    def _seed(self) -> Iterator[None]:
+        """The evaluation seed on every generator in use; the caller's RNG streams untouched."""
+        with torch.random.fork_rng(devices=self.devices):
+            torch.default_generator.manual_seed(self.seed)
+            for index in self.devices:
+                torch.cuda.default_generators[index].manual_seed(self.seed)
+            yield
+
     def _seeded(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` with the evaluation seed, every buffer put back afterwards."""
         try:
-            with torch.random.fork_rng(devices=self.devices):
-                torch.default_generator.manual_seed(self.seed)
-                for index in self.devices:
-                    torch.cuda.default_generators[index].manual_seed(self.seed)
+            with self._seed():
                 return fn()
         finally:
             self.restore_buffers()
@@ -427,10 +434,7 @@ class _Evaluator:
         self.evaluations += 1
         if restore:
             return self._seeded(lambda: self.loss_fn(self.module, self.batch))
-        with torch.random.fork_rng(devices=self.devices):
-            torch.default_generator.manual_seed(self.seed)
-            for index in self.devices:
-                torch.cuda.default_generators[index].manual_seed(self.seed)
+        with self._seed():
             return self.loss_fn(self.module, self.batch)
 
     def restore_buffers(self) -> None:
@@ -721,8 +725,8 @@ class TorchChecker:
                 eval_seed,
                 self.torch_dtype,
                 batching=None if self.vectorize is False else self.batching,
+                force_vmap=self.vectorize is True,
             )
-            evaluator.force_vmap = self.vectorize is True
             try:
                 evaluator.compute_base()
                 report = check_problem(

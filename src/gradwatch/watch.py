@@ -11,7 +11,7 @@ import logging
 import math
 import warnings
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -287,14 +287,9 @@ class Watcher:
         (which needs ``patience`` steps anyway) and sudden jumps act when their block is judged:
         at most ``HEALTH_BLOCK - 1`` steps later, and at the end of training (:meth:`flush_health`).
         """
-        if self.health is None:
-            self.start({k: (self.numels.get(k, 1),) for k in norms})
         if write and self.jsonl is not None:
             self.jsonl.write_norms(step, norms, global_norm(norms))
-        events: list[GradientEvent] = []
-        restored, self._pending_rows = self._pending_rows, []
-        for old_step, old_norms in restored:  # rows a checkpoint carried, not yet judged
-            events.extend(self._add_row(old_step, old_norms))
+        events = self._prepare(norms)
         events.extend(self._add_row(step, norms))
         self._record_events(events)
         return events, dispatch(events, self.config.policies)
@@ -308,20 +303,25 @@ class Watcher:
         write: Sequence[bool],
     ) -> tuple[list[GradientEvent], Action]:
         """:meth:`observe_norms` for several steps read at once (row ``i`` is step ``steps[i]``)."""
-        if self.health is None:
-            self.start({k: (self.numels.get(k, 1),) for k in names})
         if self.jsonl is not None:
             for i, w in enumerate(write):
                 if w:
                     norms = dict(zip(names, rows[i].tolist(), strict=True))
                     self.jsonl.write_norms(int(steps[i]), norms, global_norm(norms))
-        events: list[GradientEvent] = []
-        restored, self._pending_rows = self._pending_rows, []
-        for old_step, old_norms in restored:
-            events.extend(self._add_row(old_step, old_norms))
+        events = self._prepare(names)
         events.extend(self._add_rows([int(x) for x in steps], tuple(names), rows))
         self._record_events(events)
         return events, dispatch(events, self.config.policies)
+
+    def _prepare(self, names: Iterable[str]) -> list[GradientEvent]:
+        """Health rules ready for these tensors; the events of rows a checkpoint carried."""
+        if self.health is None:
+            self.start({k: (self.numels.get(k, 1),) for k in names})
+        events: list[GradientEvent] = []
+        restored, self._pending_rows = self._pending_rows, []
+        for old_step, old_norms in restored:  # judged before the new rows, in step order
+            events.extend(self._add_row(old_step, old_norms))
+        return events
 
     def _add_row(self, step: int, norms: Mapping[str, float]) -> list[GradientEvent]:
         filled = len(self._block_steps)

@@ -220,47 +220,18 @@ class HealthMonitor:
         return self._structural_cache[1]
 
     def _quiet(self, rms: Mapping[str, float]) -> bool:
-        """Vectorised: True when this observation starts, continues and ends nothing.
+        """True when this observation starts, continues and ends nothing (see :meth:`_block_quiet`).
 
         Then only the history needs updating; the per-tensor rules below run only on steps where
-        something is, or was, going on. A handful of reductions, whatever the number of tensors.
+        something is, or was, going on.
         """
-        if not self._fast_ready or self._count or self._active or len(rms) != len(self.order):
-            return False
-        if len(self._seen) < len(self.order):
+        if len(rms) != len(self.order):
             return False
         try:
             v = np.fromiter((rms[n] for n in self.order), dtype=np.float64, count=len(self.order))
         except KeyError:
             return False
-        th = self.thresholds
-        # NaN fails every comparison, so this one test also rules out non-finite values.
-        if not v.max() <= th.explode_threshold:
-            return False
-        judged, weights, structural = self._masks()
-        if judged.size and v[judged].min() < th.vanish_threshold:
-            return False
-        if self._ref_index >= 0 and weights.size:
-            ref = v[self._ref_index]
-            if ref > 0 and v[weights].min() < min(th.vanish_ceiling, th.vanish_ratio * ref):
-                return False
-        if structural is not None and np.any(v[structural] != 0.0):
-            return False
-        # A jump over the median needs a jump over the minimum: one cheap reduction first, the
-        # exact median only for rows that pass it (unfilled slots hold 0, so they always pass).
-        maybe = v > th.jump_factor * self._ring.min(axis=1)
-        if maybe.any():
-            ready = self._filled >= th.min_history
-            for i in np.nonzero(maybe & ready)[0]:
-                med = float(np.median(self._history(self.order[i])))
-                if med > 0 and v[i] > th.jump_factor * med:
-                    return False
-        # Push the whole row at once.
-        self._ring[self._all_rows, self._pos] = v
-        self._pos += 1
-        self._pos %= th.window
-        np.minimum(self._filled + 1, th.window, out=self._filled)
-        return True
+        return self._block_quiet(v[None, :])
 
     def observe_block(
         self, steps: Sequence[int], names: Sequence[str], rms: np.ndarray
@@ -285,16 +256,20 @@ class HealthMonitor:
         return events
 
     def _block_quiet(self, block: np.ndarray) -> bool:
-        """:meth:`_quiet` for a block of rows (in model order); pushes them all when True."""
+        """Vectorised: True when these rows (in model order) start, continue and end nothing.
+
+        A handful of reductions, whatever the number of tensors and rows; pushes the rows into the
+        history when True.
+        """
         k = block.shape[0]
         th = self.thresholds
         if not self._fast_ready or self._count or self._active or k > th.window:
             return False
         if len(self._seen) < len(self.order):
             return False
-        if not block.max() <= th.explode_threshold:  # also catches NaN
+        if not block.max() <= th.explode_threshold:  # NaN fails every comparison
             return False
-        judged, weights, _ = self._masks()
+        judged, weights, structural = self._masks()
         if judged.size and block[:, judged].min() < th.vanish_threshold:
             return False
         if self._ref_index >= 0 and weights.size:
@@ -302,12 +277,22 @@ class HealthMonitor:
             limit = np.minimum(th.vanish_ceiling, th.vanish_ratio * ref)
             if np.any((ref > 0) & (block[:, weights].min(axis=1) < limit)):
                 return False
-        # Every median a row is judged against is at least the minimum of the history and of the
-        # block: no value above jump_factor times that minimum means no jump anywhere. (This also
-        # covers a structural zero waking up: its history is all zeros.)
-        lowest = np.minimum(self._ring.min(axis=1), block.min(axis=0))
-        if np.any(block > th.jump_factor * lowest):
+        if structural is not None and np.any(block[:, structural] != 0.0):
             return False
+        # Every median a row is judged against is at least the minimum of the history and of the
+        # block: no value above jump_factor times that minimum means no jump anywhere. (Unfilled
+        # slots hold 0, so young tensors always fail this.) A single row that fails it gets the
+        # exact test: its value against the median of each ready tensor's history.
+        lowest = np.minimum(self._ring.min(axis=1), block.min(axis=0))
+        maybe = block > th.jump_factor * lowest
+        if maybe.any():
+            if k > 1:
+                return False
+            ready = self._filled >= th.min_history
+            for i in np.nonzero(maybe[0] & ready)[0]:
+                med = float(np.median(self._history(self.order[i])))
+                if med > 0 and block[0, i] > th.jump_factor * med:
+                    return False
         cols = (self._pos[:, None] + np.arange(k)[None, :]) % th.window
         self._ring[self._all_rows[:, None], cols] = block.T
         self._pos += k

@@ -71,6 +71,15 @@ class Action:
     halt: bool = False
     error: GradientCheckError | None = None
 
+    def merged(self, other: Action) -> Action:
+        """Both actions at once: halt if either halts, the first error if any.
+
+        Example:
+            >>> Action(halt=True).merged(Action()).halt
+            True
+        """
+        return Action(halt=self.halt or other.halt, error=self.error or other.error)
+
 
 def dispatch(
     events: Iterable[GradientEvent],
