@@ -9,6 +9,7 @@ Nothing here is asserted: tests never time anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -294,13 +295,12 @@ def bench_torch_norms(repeats: int) -> None:
     row("torch MLP: Python loop of .norm().item() / step", f"{100 * t['loop'] / t['step']:.2f}%")
 
 
-def bench_lightning_fit(steps: int) -> None:
+def lightning_fit(callbacks, steps: int) -> float:
+    """Seconds of one Lightning ``fit`` of the MLP on repeated batches (no logger, CPU)."""
     import logging
     import warnings
 
     import lightning as L
-
-    from gradwatch.lightning import GradWatch
 
     logging.getLogger("lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -320,23 +320,62 @@ def bench_lightning_fit(steps: int) -> None:
     data = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x.repeat(8, 1), y.repeat(8)), batch_size=64
     )
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        max_steps=steps,
+        max_epochs=100_000,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    start = time.perf_counter()
+    trainer.fit(Module(), data)
+    return time.perf_counter() - start
+
+
+def keras_mlp():
+    """The Keras MLP 784-256-256-10 with SGD, seeded; TensorFlow's threads pinned."""
+    import keras
+    import tensorflow as tf
+
+    with contextlib.suppress(RuntimeError):  # fixed once TensorFlow has started
+        tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+        tf.config.threading.set_inter_op_parallelism_threads(THREADS)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def budget_row(label: str, reports, seconds: float) -> None:
+    """The checks' share of a run, with each check's time and evaluations."""
+    row(
+        f"{label}, defaults: checks' share of the run",
+        f"{100 * sum(r.seconds for r in reports) / seconds:.2f}%",
+        f"max_overhead 2%; {len(reports)} checks: "
+        + ", ".join(f"{r.seconds:.2f}s/{r.evaluations} evaluations" for r in reports),
+    )
+
+
+def bench_lightning_fit(steps: int) -> None:
+    from gradwatch.lightning import GradWatch
 
     def fit(callbacks):
-        torch.manual_seed(0)
-        t = L.Trainer(
-            max_steps=steps,
-            max_epochs=10_000,
-            callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-            devices=1,
-        )
-        start = time.perf_counter()
-        t.fit(Module(), data)
-        return time.perf_counter() - start
+        return lightning_fit(callbacks, steps)
 
     m = fit_shares(
         fit, GradWatch, ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
@@ -363,23 +402,9 @@ def bench_keras(repeats: int, steps: int) -> None:
     import keras
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(THREADS)
-    tf.config.threading.set_inter_op_parallelism_threads(THREADS)
     from gradwatch.keras import GradWatch, KerasChecker, _Problem
 
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((784,)),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.01),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    model = keras_mlp()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 784)).astype("float32")
     y = rng.integers(0, 10, 64)
@@ -433,23 +458,14 @@ def bench_keras(repeats: int, steps: int) -> None:
     )
 
     def fit(callbacks):
-        keras.utils.set_random_seed(0)
-        m = keras.models.clone_model(model)
-        m.compile(
-            optimizer=keras.optimizers.SGD(0.01),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
+        m = keras_mlp()
         xs, ys = np.repeat(x, steps // 10, axis=0), np.repeat(y, steps // 10)
         start = time.perf_counter()
         m.fit(xs, ys, batch_size=64, epochs=10, verbose=0, callbacks=callbacks)
         return time.perf_counter() - start
 
     # In-graph cost of the norms: the train function with and without them installed.
-    with_norms = keras.models.clone_model(model)
-    with_norms.compile(
-        optimizer=keras.optimizers.SGD(0.01),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    with_norms = keras_mlp()
     with_norms.fit(x, y, batch_size=64, epochs=1, verbose=0)
     installed = GradWatch(enable_checks=False)
     installed.set_model(with_norms)
@@ -483,84 +499,30 @@ def bench_keras(repeats: int, steps: int) -> None:
 
 def bench_budget(steps: int) -> None:
     """One long run per framework at defaults: the checks' share of training time."""
-    import logging
-    import warnings
-
-    import lightning as L
-
     from gradwatch.lightning import GradWatch
 
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = MLP()
-
-        def training_step(self, batch, i):
-            return loss_fn(self.net, batch)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    x, y = torch_batch("mlp")
-    data = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x.repeat(8, 1), y.repeat(8)), batch_size=64
-    )
     cb = GradWatch()
-    trainer = L.Trainer(
-        max_steps=steps,
-        max_epochs=100_000,
-        callbacks=[cb],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
-    start = time.perf_counter()
-    trainer.fit(Module(), data)
-    total = time.perf_counter() - start
-    spent = [r.seconds for r in cb.reports]
-    row(
-        f"Lightning fit, {steps} steps, defaults: checks' share of the run",
-        f"{100 * sum(spent) / total:.2f}%",
-        f"max_overhead 2%; {len(spent)} checks: "
-        + ", ".join(f"{r.seconds:.2f}s/{r.evaluations} evaluations" for r in cb.reports),
-    )
+    seconds = lightning_fit([cb], steps)
+    budget_row(f"Lightning fit, {steps} steps", cb.reports, seconds)
     try:
-        import keras
+        import keras  # noqa: F401
     except ImportError:
         return
     from gradwatch.keras import GradWatch as KerasWatch
 
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((784,)),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.01),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    xs, ys = x.numpy().repeat(steps // 10, axis=0), y.numpy().repeat(steps // 10)
+    x, y = (t.numpy() for t in torch_batch("mlp"))
+    model = keras_mlp()
     kcb = KerasWatch()
     start = time.perf_counter()
-    model.fit(xs, ys, batch_size=64, epochs=10, verbose=0, callbacks=[kcb])
-    total = time.perf_counter() - start
-    spent = [r.seconds for r in kcb.reports]
-    row(
-        f"Keras fit, {steps} steps, defaults: checks' share of the run",
-        f"{100 * sum(spent) / total:.2f}%",
-        f"max_overhead 2%; {len(spent)} checks: "
-        + ", ".join(f"{r.seconds:.2f}s/{r.evaluations} evaluations" for r in kcb.reports),
+    model.fit(
+        x.repeat(steps // 10, axis=0),
+        y.repeat(steps // 10),
+        batch_size=64,
+        epochs=10,
+        verbose=0,
+        callbacks=[kcb],
     )
+    budget_row(f"Keras fit, {steps} steps", kcb.reports, time.perf_counter() - start)
 
 
 def main() -> None:
