@@ -660,6 +660,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self._norm_names: list[str] = []
         self._norm_source: Any = None  # TF: a (HEALTH_BLOCK, n + 1) ring of [norms..., seq]
         self._norm_seq: Any = None  # TF: the in-graph sequence number of the last stored row
+        self._finite: Any = None  # TF: whether the last stored row is finite (read every step)
         self._torch_rows: list[tuple[int, Any]] = []  # torch: (seq, norm vector) since last read
         self._seen_seq = 0
         self._since_read = 0
@@ -741,6 +742,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
                 self._norm_seq = tf.Variable(
                     tf.constant(self._step, tf.int64), trainable=False, name="gradwatch_seq"
                 )
+                self._finite = tf.Variable(True, trainable=False, name="gradwatch_finite")
         else:
             self._norm_source = self._torch_rows  # read through _drain_norms
 
@@ -784,6 +786,9 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
 
             def store() -> Any:
                 seq = self._norm_seq.assign_add(1)
+                # Read on the host every step: a non-finite gradient can come with a finite loss
+                # (oneDNN's ReLU maps NaN to 0), so the loss is no proxy.
+                self._finite.assign(tf.reduce_all(tf.math.is_finite(stacked)))
                 row = tf.concat([stacked, tf.reshape(tf.cast(seq, tf.float64), [1])], 0)
                 self._norm_source.scatter_nd_update(
                     tf.reshape(seq % HEALTH_BLOCK, [1, 1]), tf.reshape(row, [1, -1])
@@ -878,7 +883,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             with contextlib.suppress(AttributeError):
                 delattr(obj, name)
         self._installed = []
-        self._norm_source = self._norm_seq = None
+        self._norm_source = self._norm_seq = self._finite = None
         self.model.train_function = None  # rebuilt by the next fit, without gradwatch
         if hasattr(self.model, "make_train_function"):
             self.model.make_train_function(force=True)
@@ -913,6 +918,8 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             urgent = logs is not None and any(
                 isinstance(x, float) and not math.isfinite(x) for x in logs.values()
             )
+            if self._finite is not None and not urgent:
+                urgent = not bool(self._finite.numpy())
             if urgent or self._since_read >= self._read_every:
                 events, action = self._observe_norms(step)
         if self._due_now:
