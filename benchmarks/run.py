@@ -24,9 +24,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
 
 torch.set_num_threads(THREADS)
 
@@ -107,7 +108,8 @@ def loss_fn(model, batch):
 
 
 def bench_torch_checks(repeats: int) -> None:
-    from gradwatch.torch import TorchChecker, cast_batch
+    from gradwatch.torch.checker import TorchChecker
+    from gradwatch.torch.twin import cast_batch
 
     for name, factory, kind in (
         ("MLP 784-256-256-10", MLP, "mlp"),
@@ -339,8 +341,9 @@ def lightning_fit(callbacks, steps: int) -> float:
 
 def keras_mlp():
     """The Keras MLP 784-256-256-10 with SGD, seeded; TensorFlow's threads pinned."""
-    import keras
     import tensorflow as tf
+
+    import keras
 
     with contextlib.suppress(RuntimeError):  # fixed once TensorFlow has started
         tf.config.threading.set_intra_op_parallelism_threads(THREADS)
@@ -399,10 +402,11 @@ def bench_lightning_fit(steps: int) -> None:
 
 
 def bench_keras(repeats: int, steps: int) -> None:
-    import keras
     import tensorflow as tf
 
-    from gradwatch.keras import GradWatch, KerasChecker, _Problem
+    import keras
+    from gradwatch.keras import GradWatch
+    from gradwatch.keras.checker import KerasChecker, _Problem
 
     model = keras_mlp()
     rng = np.random.default_rng(0)

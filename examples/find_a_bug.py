@@ -10,9 +10,8 @@ Run: python examples/find_a_bug.py
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from gradwatch.torch import check_gradients
+from torch import nn
 
 
 class BuggySwishFn(torch.autograd.Function):

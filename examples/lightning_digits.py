@@ -15,14 +15,14 @@ import argparse
 import logging
 import warnings
 
-import lightning as L
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from sklearn.datasets import load_digits
-from torch import nn
 from torch.nn import functional as F
 
+import lightning as L
+import torch
 from gradwatch.lightning import GradWatch
+from torch import nn
 
 
 class ScaledTanhFn(torch.autograd.Function):

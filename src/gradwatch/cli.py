@@ -34,14 +34,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    import importlib
+    from gradwatch.inspect.cli import run_inspect
 
-    try:
-        inspect_mod = importlib.import_module("gradwatch.inspect")
-    except ImportError:
-        inspect_mod = None
-    run = getattr(inspect_mod, "run_cli", None)
-    if run is None:
-        print("gradwatch: error: 'inspect' is not yet implemented", file=sys.stderr)
-        return 2
-    return int(run(args))
+    return run_inspect(args)

@@ -1,0 +1,24 @@
+"""Read gradwatch logs back: records, tables, JSON and plots (``gradwatch inspect``).
+
+Example:
+    >>> from gradwatch.inspect import parse_grad_norm_tag
+    >>> parse_grad_norm_tag("grad_2.0_norm/layer.weight")
+    'layer.weight'
+"""
+
+from gradwatch.inspect.plot import plot
+from gradwatch.inspect.read import InspectError, RunData, judge_foreign, load, parse_grad_norm_tag
+from gradwatch.inspect.summary import ParamSummary, print_tables, summarise, to_json
+
+__all__ = [
+    "InspectError",
+    "ParamSummary",
+    "RunData",
+    "judge_foreign",
+    "load",
+    "parse_grad_norm_tag",
+    "plot",
+    "print_tables",
+    "summarise",
+    "to_json",
+]

@@ -1,0 +1,105 @@
+"""``--plot``: one PNG with gradient size per layer and relative errors per check, per run."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from gradwatch.inspect.read import InspectError, RunData
+from gradwatch.watch import tags
+
+__all__ = ["plot"]
+
+
+def plot(runs: Sequence[RunData], out: str | os.PathLike[str], param: str | None = None) -> Path:
+    """One PNG: per run a column with gradient size per layer (log scale) and relative errors."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover
+        raise InspectError("--plot needs matplotlib: pip install 'gradwatch[inspect]'") from exc
+    pattern = re.compile(param) if param else None
+    fig, axes = plt.subplots(2, len(runs), figsize=(9 * len(runs), 8), squeeze=False)
+    for col, run in enumerate(runs):
+        ax, ax2 = axes[0][col], axes[1][col]
+        shapes = run.meta.get("shapes", {})
+        use_rms = bool(shapes)
+        names = [
+            n for n in run.norms if n != tags.GLOBAL_NAME and (pattern is None or pattern.search(n))
+        ]
+        cmap = plt.get_cmap("viridis", max(2, len(names)))
+        for i, name in enumerate(names):
+            series = run.norms[name]
+            steps = sorted(series)
+            scale = math.sqrt(max(1, math.prod(shapes.get(name, [1])))) if use_rms else 1.0
+            vals = [series[s] / scale for s in steps]
+            ax.plot(steps, vals, color=cmap(i), lw=1.2, label=name if len(names) <= 12 else None)
+        if use_rms:
+            ax.axhline(
+                run.vanish_threshold,
+                color="tab:blue",
+                ls="--",
+                lw=1,
+                label="vanishing threshold",
+            )
+            ax.axhline(
+                run.explode_threshold,
+                color="tab:red",
+                ls="--",
+                lw=1,
+                label="exploding threshold",
+            )
+        for e in run.events:
+            if e.kind in ("vanishing", "exploding") and e.param in run.norms:
+                ax.axvline(
+                    e.step, color="tab:red" if e.kind == "exploding" else "tab:blue", alpha=0.3
+                )
+                ax.annotate(e.kind, (e.step, ax.get_ylim()[1]), fontsize=7, rotation=90, va="top")
+            elif e.kind == "nonfinite":
+                ax.axvline(e.step, color="black", alpha=0.5)
+                ax.annotate(
+                    "nonfinite", (e.step, ax.get_ylim()[1]), fontsize=7, rotation=90, va="top"
+                )
+        ax.set_yscale("log")
+        ax.set_title(f"{run.name}: gradient {'RMS' if use_rms else 'L2 norm'} per layer")
+        ax.set_xlabel("step")
+        ax.grid(True, which="both", alpha=0.2)
+        if names:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        errs = {
+            n: s
+            for n, s in run.rel_errors.items()
+            if n != tags.MAX_NAME and (pattern is None or pattern.search(n))
+        }
+        for i, (name, series) in enumerate(errs.items()):
+            steps = sorted(series)
+            ax2.plot(
+                steps,
+                [max(series[s], 1e-16) for s in steps],
+                "o-",
+                ms=3,
+                lw=1,
+                color=cmap(i % max(2, len(names))),
+                label=name if len(errs) <= 12 else None,
+            )
+        rtol = run.rtol
+        ax2.axhline(rtol, color="tab:red", ls="--", lw=1, label=f"rtol {rtol:g}")
+        for e in run.events:
+            if e.kind in ("mismatch", "disconnected"):
+                ax2.plot([e.step], [max(e.value, 1e-16)], "rx", ms=9)
+        ax2.set_yscale("log")
+        ax2.set_title(f"{run.name}: worst relative error per check")
+        ax2.set_xlabel("step")
+        ax2.grid(True, which="both", alpha=0.2)
+        ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,312 @@
+"""Read gradwatch logs back: TensorBoard event files and JSON lines -> records.
+
+``load(path)`` walks a run folder or a tree of runs (Lightning ``version_*``, Keras ``gradwatch/``),
+reading TensorBoard event files — simple scalars (torch's ``SummaryWriter``) and TF2 tensor
+summaries (``tf.summary``) alike — and gradwatch JSON-lines files. Every record is kept (no
+reservoir thinning). Event files are scanned record by record from memory-mapped bytes, and only
+records that can carry gradient data are parsed, which makes the reader several times faster than
+TensorBoard's ``EventAccumulator`` (``benchmarks/inspect_speed.py``). Records are read back
+through :mod:`gradwatch.report`'s ``from_dict`` and the tag vocabulary of :mod:`gradwatch.watch.tags`.
+
+Norms from logs gradwatch did not write (Lightning's ``grad_norm`` utility, tags
+``grad_2.0_norm/<param>``) are recognised, and the health rules are applied to them after the fact.
+
+Example:
+    >>> parse_grad_norm_tag("grad_2.0_norm/layer.weight")
+    'layer.weight'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import mmap
+import os
+import re
+import struct
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradwatch.core.finite_diff import tolerances_for
+from gradwatch.core.health import HealthMonitor, HealthThresholds
+from gradwatch.report import CheckReport, GradientEvent
+from gradwatch.watch import tags
+
+__all__ = ["InspectError", "RunData", "judge_foreign", "load", "parse_grad_norm_tag"]
+
+_FOREIGN_NORM = re.compile(r"^grad_(?:[0-9.]+|inf)_norm(?:/(.+)|_total)$")
+_MARKERS = (b"gradwatch/", b"grad_")
+_HEADER = struct.Struct("<QI")
+
+
+class InspectError(Exception):
+    """A usage or input problem: one clear line for the user, exit status 2."""
+
+
+def parse_grad_norm_tag(tag: str) -> str | None:
+    """Parameter of a Lightning ``grad_norm`` tag (``"global"`` for the total), else ``None``.
+
+    Example:
+        >>> parse_grad_norm_tag("grad_2.0_norm_total"), parse_grad_norm_tag("train_loss")
+        ('global', None)
+    """
+    m = _FOREIGN_NORM.match(tag)
+    if m is None:
+        return None
+    name = m.group(1) or tags.GLOBAL_NAME
+    for suffix in ("_step", "_epoch"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+@dataclass
+class RunData:
+    """Everything read for one run.
+
+    Attributes:
+        name: Path of the run folder relative to the inspected path (``"."`` for the path itself).
+        norms: Parameter → ``{step: gradient L2 norm}`` (``"global"`` included).
+        rel_errors: Parameter → ``{step: worst relative error}`` (``"max"`` included).
+        events: Recorded events, or, for foreign norms, events found by the health rules.
+        meta: Shapes and thresholds written by gradwatch, if any.
+        foreign: Norms came from logs gradwatch did not write.
+    """
+
+    name: str
+    norms: dict[str, dict[int, float]] = field(default_factory=dict)
+    rel_errors: dict[str, dict[int, float]] = field(default_factory=dict)
+    events: list[GradientEvent] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    foreign: bool = False
+
+    @property
+    def rtol(self) -> float:
+        """The tolerance the run's checks were judged against (the float64 default if unknown)."""
+        return float(self.meta.get("rtol", tolerances_for("float64").rtol))
+
+    @property
+    def vanish_threshold(self) -> float:
+        """The run's vanishing threshold (the callbacks' default if unknown)."""
+        return float(self.meta.get("vanish_threshold", HealthThresholds.vanish_threshold))
+
+    @property
+    def explode_threshold(self) -> float:
+        """The run's exploding threshold (the callbacks' default if unknown)."""
+        return float(self.meta.get("explode_threshold", HealthThresholds.explode_threshold))
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self.norms or self.rel_errors or self.events)
+
+    def add_report(self, report: CheckReport) -> None:
+        """The worst relative error per tensor (and the maximum) of one check."""
+        step = report.step if report.step is not None else -1
+        for name, value in report.worst_by_param().items():
+            series = self.rel_errors.setdefault(name, {})
+            series[step] = max(series.get(step, 0.0), value)
+        if report.max_rel_error is not None:
+            self.rel_errors.setdefault(tags.MAX_NAME, {})[step] = report.max_rel_error
+
+    def add_event(self, event: GradientEvent) -> None:
+        key = (event.step, event.kind, event.param, event.message)
+        if all((e.step, e.kind, e.param, e.message) != key for e in self.events[-64:]):
+            self.events.append(event)
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def _iter_records(path: Path) -> Iterator[bytes]:
+    """Payloads of a TFRecord file that may carry gradient data; warns and stops on damage."""
+    size = path.stat().st_size
+    if size == 0:
+        return
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        off = 0
+        while off < size:
+            if off + 12 > size:
+                warnings.warn(
+                    f"{path}: truncated record at byte {off}; the rest is skipped", stacklevel=4
+                )
+                return
+            length, _ = _HEADER.unpack_from(buf, off)
+            end = off + 12 + length
+            if end + 4 > size:
+                warnings.warn(
+                    f"{path}: truncated or damaged record at byte {off}; the rest is skipped",
+                    stacklevel=4,
+                )
+                return
+            payload = buf[off + 12 : end]
+            off = end + 4
+            if any(m in payload for m in _MARKERS):
+                yield payload
+
+
+def _tensor_value(tensor: Any) -> Any:
+    if tensor.string_val:
+        return tensor.string_val[0].decode("utf-8", "replace")
+    if tensor.float_val:
+        return float(tensor.float_val[0])
+    if tensor.double_val:
+        return float(tensor.double_val[0])
+    from tensorboard.util import tensor_util
+
+    arr = tensor_util.make_ndarray(tensor)
+    return arr.reshape(-1)[0].item() if arr.size else None
+
+
+def _read_event_file(path: Path, run: RunData) -> None:
+    try:
+        from tensorboard.compat.proto import event_pb2
+    except ImportError as exc:  # pragma: no cover - the inspect extra brings it
+        raise InspectError(
+            "reading TensorBoard files needs: pip install 'gradwatch[inspect]'"
+        ) from exc
+    from google.protobuf.message import DecodeError
+
+    try:
+        for payload in _iter_records(path):
+            try:
+                event = event_pb2.Event.FromString(payload)
+            except DecodeError:
+                warnings.warn(f"{path}: a damaged record was skipped", stacklevel=3)
+                continue
+            if not event.HasField("summary"):
+                continue
+            for value in event.summary.value:
+                kind = value.WhichOneof("value")
+                if kind == "simple_value":
+                    _add_scalar(run, value.tag, int(event.step), float(value.simple_value))
+                elif kind == "tensor":
+                    data = _tensor_value(value.tensor)
+                    if isinstance(data, str):
+                        _add_text(run, value.tag, data, path)
+                    elif data is not None:
+                        _add_scalar(run, value.tag, int(event.step), float(data))
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"{path}: cannot be read ({exc}); skipped", stacklevel=3)
+
+
+def _add_scalar(run: RunData, tag: str, step: int, value: float) -> None:
+    if tag.startswith(tags.NORM_PREFIX):
+        run.norms.setdefault(tag[len(tags.NORM_PREFIX) :], {})[step] = value
+    elif tag.startswith(tags.REL_ERROR_PREFIX):
+        run.rel_errors.setdefault(tag[len(tags.REL_ERROR_PREFIX) :], {})[step] = value
+    else:
+        name = parse_grad_norm_tag(tag)
+        if name is not None:
+            run.foreign = True
+            run.norms.setdefault(name, {})[step] = value
+
+
+def _add_text(run: RunData, tag: str, text: str, path: Path) -> None:
+    if tag.startswith(tags.EVENTS_TAG):
+        try:
+            run.add_event(GradientEvent.from_dict(json.loads(text)))
+        except (ValueError, KeyError, TypeError):
+            warnings.warn(f"{path}: an unreadable event text was skipped", stacklevel=4)
+    elif tag.startswith(tags.META_TAG):
+        with contextlib.suppress(ValueError):
+            run.meta.update(json.loads(text))
+
+
+def _read_jsonl(path: Path, run: RunData) -> None:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    kind = rec.get("type")
+                    if kind == "norms":
+                        step = int(rec["step"])
+                        for name, v in rec["values"].items():
+                            run.norms.setdefault(name, {})[step] = float(v)
+                        run.norms.setdefault(tags.GLOBAL_NAME, {})[step] = float(rec["global"])
+                    elif kind == "report":
+                        run.add_report(CheckReport.from_dict(rec["report"]))
+                    elif kind == "event":
+                        run.add_event(GradientEvent.from_dict(rec["event"]))
+                    elif kind == "meta":
+                        run.meta.update({k: v for k, v in rec.items() if k != "type"})
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    warnings.warn(f"{path}:{lineno}: not a gradwatch record; skipped", stacklevel=3)
+    except (OSError, UnicodeDecodeError) as exc:
+        warnings.warn(f"{path}: cannot be read ({exc}); skipped", stacklevel=3)
+
+
+def _is_event_file(name: str) -> bool:
+    return "tfevents" in name
+
+
+def load(path: str | os.PathLike[str], *, run: str | None = None) -> list[RunData]:
+    """Read every run under ``path`` that holds gradient data.
+
+    Args:
+        path: A run folder, a tree of runs, or a single event / JSON-lines file.
+        run: Keep runs whose path relative to ``path`` matches this glob.
+
+    Raises:
+        InspectError: The path does not exist, or nothing readable with gradient data is there.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise InspectError(f"{root}: no such file or folder")
+    files: dict[Path, list[Path]] = {}
+    if root.is_file():
+        files[root.parent] = [root]
+        base = root.parent
+    else:
+        base = root
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            chosen = [
+                Path(dirpath) / f
+                for f in sorted(filenames)
+                if _is_event_file(f) or f.endswith(".jsonl")
+            ]
+            if chosen:
+                files[Path(dirpath)] = chosen
+    runs: list[RunData] = []
+    for folder, paths in files.items():
+        name = folder.relative_to(base).as_posix() if folder != base else "."
+        if run is not None and not fnmatch.fnmatch(name, run):
+            continue
+        data = RunData(name=name)
+        for p in paths:
+            if _is_event_file(p.name):
+                _read_event_file(p, data)
+            else:
+                _read_jsonl(p, data)
+        if data.foreign and not data.events:
+            data.events = judge_foreign(data)
+        if data.has_data:
+            runs.append(data)
+    if not runs:
+        what = "no run matches --run" if run is not None and files else "no gradient data"
+        raise InspectError(f"{root}: {what} (gradwatch or Lightning grad_norm logs)")
+    return runs
+
+
+def judge_foreign(run: RunData, thresholds: HealthThresholds | None = None) -> list[GradientEvent]:
+    """Apply the health rules to norms gradwatch did not write.
+
+    Sizes are unknown there, so each norm is judged as if it were an RMS; names ending in ``bias``
+    are treated as 1-D tensors, others as weights.
+    """
+    names = [n for n in run.norms if n != tags.GLOBAL_NAME]
+    shapes = {n: ((1,) if n.endswith("bias") else (1, 1)) for n in names}
+    monitor = HealthMonitor(shapes, thresholds or HealthThresholds())
+    steps = sorted({s for n in names for s in run.norms[n]})
+    events: list[GradientEvent] = []
+    for step in steps:
+        obs = {n: run.norms[n][step] for n in names if step in run.norms[n]}
+        events.extend(monitor.observe(step, obs))
+    return events

@@ -1,0 +1,14 @@
+"""Keras 3 adapter: ``check_gradients`` / ``assert_gradients`` and the ``GradWatch`` callback.
+
+Example:
+    >>> import numpy as np, keras
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> model.compile(loss="mse")
+    >>> check_gradients(model, np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")).verdict
+    'pass'
+"""
+
+from gradwatch.keras.callback import GradWatch
+from gradwatch.keras.checker import assert_gradients, check_gradients
+
+__all__ = ["GradWatch", "assert_gradients", "check_gradients"]

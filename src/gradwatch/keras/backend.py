@@ -1,0 +1,83 @@
+"""What differs between Keras' backends: autodiff, RNG, conversion to numpy."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import keras
+import numpy as np
+
+__all__ = ["floatx", "to_numpy", "torch_rng", "value_and_grad"]
+
+
+def to_numpy(x: Any) -> np.ndarray[Any, Any]:
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def value_and_grad(
+    fn: Callable[[list[Any]], Any], values: list[Any]
+) -> tuple[float, list[np.ndarray[Any, Any] | None]]:
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            for t in values:
+                tape.watch(t)
+            loss = fn(values)
+        grads = tape.gradient(loss, values, unconnected_gradients=tf.UnconnectedGradients.NONE)
+        out: list[np.ndarray[Any, Any] | None] = []
+        for g in grads:
+            if g is None:
+                out.append(None)
+            else:
+                if isinstance(g, tf.IndexedSlices):
+                    g = tf.convert_to_tensor(g)  # sums duplicate indices
+                out.append(g.numpy())
+        return float(loss.numpy()), out
+    if backend == "torch":
+        import torch
+
+        leaves = [t.detach().clone().requires_grad_(True) for t in values]
+        loss = fn(leaves)
+        if not loss.requires_grad:
+            return float(loss.detach().cpu().item()), [None for _ in leaves]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return float(loss.detach().cpu().item()), [
+            None if g is None else (g.to_dense() if g.is_sparse else g).detach().cpu().numpy()
+            for g in grads
+        ]
+    if backend == "jax":
+        import jax
+
+        loss, grads = jax.value_and_grad(lambda vals: fn(list(vals)))(tuple(values))
+        return float(loss), [np.asarray(g) for g in grads]
+    raise ValueError(
+        f"gradwatch.keras supports the tensorflow, torch and jax backends, not {backend!r}"
+    )
+
+
+@contextlib.contextmanager
+def floatx(dtype: str) -> Iterator[None]:
+    """``floatx`` set to ``dtype`` while the twin computes: some backend ops (the torch backend's
+    cross-entropies) create intermediate tensors in floatx and would round the loss to float32."""
+    saved = keras.config.floatx()
+    keras.config.set_floatx(dtype)
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(saved)
+
+
+@contextlib.contextmanager
+def torch_rng(seed: int) -> Iterator[None]:
+    if keras.backend.backend() != "torch":
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield

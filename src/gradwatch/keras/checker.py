@@ -1,0 +1,346 @@
+"""``check_gradients`` / ``assert_gradients`` for Keras 3 models, and the reusable checker.
+
+The check computes the model's loss at arbitrary parameter values without touching the model: a
+float64 twin (:mod:`gradwatch.keras.twin`) is evaluated inside a ``keras.StatelessScope`` in
+training mode, with the non-trainable state (BatchNorm statistics, dropout seed state) held fixed so
+every evaluation draws the same dropout mask, and the updated state discarded. Gradients come from
+the backend's own autodiff (:mod:`gradwatch.keras.backend`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import numpy.typing as npt
+
+from gradwatch import options as v
+from gradwatch.core.check import Perturbation, check_problem
+from gradwatch.errors import GradientCheckError
+from gradwatch.keras.backend import floatx, to_numpy, torch_rng, value_and_grad
+from gradwatch.keras.twin import build_twin, compiled_loss, model_dtype
+from gradwatch.report import CheckReport
+
+__all__ = ["KerasChecker", "assert_gradients", "check_gradients"]
+
+
+class _Problem:
+    def __init__(
+        self,
+        checker: KerasChecker,
+        x: Any,
+        y: Any,
+        sample_weight: Any,
+        chosen: list[int],
+        eval_seed: int,
+    ) -> None:
+        self.c = checker
+        twin = checker.twin
+        dtype = checker.dtype_name
+        self._names = checker.names
+        src_tr = [checker.trainable_sources[i] for i in range(len(checker.names))]
+        self._values = [np.asarray(to_numpy(w.value), dtype=dtype) for w in src_tr]
+        self._shapes = [tuple(a.shape) for a in self._values]
+        # Non-trainable state in the twin's dtypes (seed states stay integers).
+        self._ntr = [
+            keras.ops.convert_to_tensor(
+                np.asarray(to_numpy(src.value)).astype(dst.dtype, copy=False), dtype=dst.dtype
+            )
+            for src, dst in zip(
+                checker.model.non_trainable_variables, twin.non_trainable_variables, strict=True
+            )
+        ]
+        self._frozen_trainable = [
+            keras.ops.convert_to_tensor(
+                np.asarray(to_numpy(w.value)).astype(w.dtype), dtype=w.dtype
+            )
+            for w in checker.frozen_twin_vars
+        ]
+        self.x = _cast_tree(x, dtype)
+        self.y = _cast_tree(y, dtype)
+        self.sample_weight = _cast_tree(sample_weight, dtype)
+        self.eval_seed = eval_seed
+        self.precision = dtype
+        self.notes: list[str] = []
+        probe = [keras.ops.convert_to_tensor(a, dtype=dtype) for a in self._values]
+        with torch_rng(eval_seed):
+            probe_loss = float(to_numpy(self._loss(probe)))
+        if dtype == "float64" and keras.backend.backend() == "torch":
+            # Measured with Keras 3.15: on the torch backend the float64 twin's loss carries noise
+            # of float32 size (about 1e-7 relative): finite differences at a float64 step would
+            # be noise. Step and judge as in float32.
+            self.precision = "float32"
+            self.notes.append(
+                "on Keras' torch backend the loss has float32-grade noise, so this check runs "
+                "with float32 steps and tolerances: only gross bugs are visible"
+            )
+        elif (
+            dtype == "float64" and probe_loss != 0.0 and float(np.float32(probe_loss)) == probe_loss
+        ):
+            # A float64 loss that is exactly a float32 number was rounded to float32 on the way
+            # (the torch backend's loss reduction in Keras 3.15 does this; the chance that a true
+            # float64 value lands on the float32 grid is about 2**-29). Judge the check as a
+            # float32 one rather than cry wolf.
+            self.precision = "float32"
+            self.notes.append(
+                f"Keras rounded the loss to float32 on the {keras.backend.backend()} backend, so "
+                f"this check has float32 resolution: only gross bugs are visible"
+            )
+            self._values = [a.astype("float32").astype(dtype) for a in self._values]
+        base_vals = [keras.ops.convert_to_tensor(a, dtype=dtype) for a in self._values]
+        with torch_rng(eval_seed):
+            self._base, self._grads = value_and_grad(self._loss, base_vals)
+        self.evaluations = 1
+
+    def _loss(self, values: Sequence[Any]) -> Any:
+        return self.c.loss_at(
+            list(values), self._frozen_trainable, self._ntr, self.x, self.y, self.sample_weight
+        )
+
+    names = property(lambda self: self._names)
+    shapes = property(lambda self: self._shapes)
+    dtype = property(lambda self: np.dtype(self.precision))
+    base_loss = property(lambda self: self._base)
+
+    def values(self, tensor: int) -> npt.NDArray[Any]:
+        return self._values[tensor].astype(self.precision)
+
+    def gradient(self, tensor: int) -> npt.NDArray[Any] | None:
+        return self._grads[tensor]
+
+    def losses(self, perturbations: Sequence[Perturbation]) -> npt.NDArray[np.float64]:
+        out = np.empty(len(perturbations), dtype=np.float64)
+        dtype = self.c.dtype_name
+        base = [keras.ops.convert_to_tensor(a, dtype=dtype) for a in self._values]
+        for k, p in enumerate(perturbations):
+            arr = self._values[p.tensor]
+            if p.index is None:
+                new = np.asarray(p.value, dtype=dtype)
+            else:
+                new = arr.copy()
+                new[p.index] = p.value
+            vals = list(base)
+            vals[p.tensor] = keras.ops.convert_to_tensor(new, dtype=dtype)
+            with torch_rng(self.eval_seed):
+                out[k] = float(to_numpy(self._loss(vals)))
+            self.evaluations += 1
+        return out
+
+
+def _cast_tree(data: Any, dtype: str) -> Any:
+    """Floating arrays/tensors in a nested structure → ``dtype``; integers stay as they are."""
+    if data is None:
+        return None
+    if isinstance(data, Mapping):
+        return {k: _cast_tree(x, dtype) for k, x in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_cast_tree(x, dtype) for x in data)
+    arr = to_numpy(data)
+    if np.issubdtype(arr.dtype, np.floating):
+        return keras.ops.convert_to_tensor(arr.astype(dtype), dtype=dtype)
+    return keras.ops.convert_to_tensor(arr)
+
+
+class KerasChecker:
+    """A reusable gradient check of one Keras model (the callback keeps one).
+
+    Args:
+        model: A built Keras 3 model.
+        loss: Anything ``model.compile(loss=...)`` accepts; default the model's compiled loss.
+        num_params, mode, dtype, eps, rtol, seed, include, exclude: as :func:`check_gradients`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        loss: Any = None,
+        num_params: int = 32,
+        mode: str = "coordinate",
+        dtype: str | None = "float64",
+        eps: float | None = None,
+        rtol: float | None = None,
+        seed: int = 0,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+    ) -> None:
+        if not isinstance(model, keras.Model):
+            raise ValueError(f"model must be a keras.Model, got {type(model).__name__}")
+        o = v.CheckOptions.validate(
+            num_params=num_params,
+            mode=mode,
+            dtype=dtype,
+            eps=eps,
+            rtol=rtol,
+            seed=seed,
+            include=include,
+            exclude=exclude,
+        )
+        self.num_params, self.mode, dt = o.num_params, o.mode, o.dtype
+        self.eps, self.rtol, self.seed = o.eps, o.rtol, o.seed
+        inc, exc = o.include, o.exclude
+        if not model.built:
+            raise ValueError("the model is not built: call it on data or build() it first")
+        if loss is None:
+            loss = compiled_loss(model)
+            if loss is None:
+                raise ValueError(
+                    "the model has no loss: compile it (model.compile(loss=...)) or pass loss=..."
+                )
+        self.model = model
+        self.loss = loss
+        trainable = [w for w in model.trainable_variables if "float" in str(w.dtype)]
+        if not trainable:
+            raise ValueError("the model has no trainable floating-point variables to check")
+        chosen = [i for i, w in enumerate(trainable) if v.selected(w.path, inc, exc)]
+        if not chosen:
+            raise ValueError(
+                f"include/exclude left no variable to check; trainable variables are "
+                f"{[w.path for w in trainable][:10]}"
+            )
+        own_dtype = model_dtype(model)
+        self.dtype_name = {"float64": "float64", "float32": "float32", None: own_dtype}[dt]
+        if self.dtype_name not in ("float64", "float32"):
+            self.dtype_name = "float32"
+        twin, self.notes = build_twin(model, loss, self.dtype_name)
+        if twin is model and own_dtype != self.dtype_name:
+            self.dtype_name = own_dtype if own_dtype in ("float64", "float32") else "float32"
+        self.twin = twin
+        if twin is model and not model.compiled:
+            raise ValueError("the model must be compiled (or loss= given and the model clonable)")
+        twin_trainable = [w for w in twin.trainable_variables if "float" in str(w.dtype)]
+        self.names = [trainable[i].path for i in chosen]
+        self.trainable_sources = [trainable[i] for i in chosen]
+        self.checked_twin_vars = [twin_trainable[i] for i in chosen]
+        self.frozen_twin_vars = [w for i, w in enumerate(twin_trainable) if i not in set(chosen)]
+        self.frozen_twin_vars += [
+            w for w in twin.trainable_variables if "float" not in str(w.dtype)
+        ]
+
+        self.traces = 0
+        self._compiled: Any = None
+
+    def _loss_eager(
+        self, values: list[Any], frozen: list[Any], ntr: list[Any], x: Any, y: Any, sw: Any
+    ) -> Any:
+        self.traces += 1
+        twin = self.twin
+        mapping = list(zip(self.checked_twin_vars, values, strict=True))
+        mapping += list(zip(self.frozen_twin_vars, frozen, strict=True))
+        mapping += list(zip(twin.non_trainable_variables, ntr, strict=True))
+        mapping += [(m, m.value) for m in twin.metrics_variables]
+        with floatx(self.dtype_name), keras.StatelessScope(state_mapping=mapping):
+            y_pred = twin(x, training=True)
+            loss = twin.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw, training=True)
+        return loss
+
+    def loss_at(
+        self, values: list[Any], frozen: list[Any], ntr: list[Any], x: Any, y: Any, sw: Any
+    ) -> Any:
+        """The twin's training loss at the given values; compiled once on TensorFlow.
+
+        Parameter values and data are arguments of one ``tf.function``, so new coordinates, new
+        values and new batches of the same shape reuse the trace (``traces`` counts them).
+        """
+        if keras.backend.backend() != "tensorflow":
+            return self._loss_eager(values, frozen, ntr, x, y, sw)
+        if self._compiled is None:
+            import tensorflow as tf
+
+            self._compiled = tf.function(self._loss_eager, reduce_retracing=True)
+        return self._compiled(values, frozen, ntr, x, y, sw)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Checked variable path → shape."""
+        return {n: tuple(w.shape) for n, w in zip(self.names, self.trainable_sources, strict=True)}
+
+    def check(
+        self,
+        x: Any,
+        y: Any = None,
+        sample_weight: Any = None,
+        *,
+        step: int | None = None,
+        tensors: Sequence[int] | None = None,
+        sample_seed: Sequence[int] | int | None = None,
+    ) -> CheckReport:
+        """One check on ``(x, y, sample_weight)``; the model is left exactly as it was."""
+        started = time.perf_counter()
+        rng = np.random.default_rng(self.seed if sample_seed is None else sample_seed)
+        eval_seed = int(rng.integers(2**31))
+        chosen = list(range(len(self.names))) if tensors is None else list(tensors)
+        problem = _Problem(self, x, y, sample_weight, chosen, eval_seed)
+        return check_problem(
+            problem,
+            tensors=chosen,
+            num_params=self.num_params,
+            mode=self.mode,
+            rng=rng,
+            rtol=self.rtol,
+            eps=self.eps,
+            step=step,
+            notes=list(self.notes) + problem.notes,
+            started=started,
+        )
+
+
+def check_gradients(
+    model: Any,
+    x: Any,
+    y: Any = None,
+    *,
+    sample_weight: Any = None,
+    loss: Any = None,
+    num_params: int = 32,
+    mode: str = "coordinate",
+    dtype: str | None = "float64",
+    eps: float | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> CheckReport:
+    """Compare a Keras model's autodiff gradients with central finite differences.
+
+    The compiled loss (plus ``model.losses``, as ``compute_loss`` does) is checked, unless
+    ``loss=`` is given. Runs in training mode on a float64 twin with the dropout seed state held
+    fixed; the model's variables, BatchNorm statistics, seed state, metrics and optimizer state are
+    bit-identical afterwards.
+
+    Args:
+        model: A built Keras 3 model.
+        x: Inputs (arrays, tensors, or a dict/list of them).
+        y: Targets.
+        sample_weight: Optional sample weights.
+        loss: Anything ``model.compile(loss=...)`` accepts.
+        num_params, mode, dtype, eps, rtol, seed, include, exclude: as
+            :func:`gradwatch.torch.check_gradients`; ``include``/``exclude`` match variable paths.
+
+    Raises:
+        ValueError: An uncompiled model without ``loss=``, an unbuilt model, bad arguments.
+    """
+    checker = KerasChecker(
+        model,
+        loss=loss,
+        num_params=num_params,
+        mode=mode,
+        dtype=dtype,
+        eps=eps,
+        rtol=rtol,
+        seed=seed,
+        include=include,
+        exclude=exclude,
+    )
+    return checker.check(x, y, sample_weight)
+
+
+def assert_gradients(model: Any, x: Any, y: Any = None, **kwargs: Any) -> CheckReport:
+    """Like :func:`check_gradients`, but raise :class:`~gradwatch.GradientCheckError` on ``fail``."""
+    report = check_gradients(model, x, y, **kwargs)
+    if report.verdict == "fail":
+        raise GradientCheckError(f"gradient check failed\n{report}", report=report)
+    return report

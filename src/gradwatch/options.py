@@ -1,0 +1,296 @@
+"""Every argument validated once: the standalone checks' and the callbacks'.
+
+Every error is a ``ValueError`` naming the argument, the allowed values and the value given.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from gradwatch.core.health import HealthThresholds
+from gradwatch.core.policy import Policy, validate_policy
+
+__all__ = [
+    "DTYPES",
+    "CheckOptions",
+    "WatchConfig",
+    "check_dtype",
+    "check_mode",
+    "check_optional_bool",
+    "check_positive_float",
+    "check_positive_int",
+    "check_seed",
+    "compile_patterns",
+]
+
+DTYPES: tuple[str | None, ...] = ("float64", "float32", None)
+MODES: tuple[str, ...] = ("coordinate", "directional")
+
+
+def check_positive_int(argument: str, value: object, *, allow_none: bool = False) -> int | None:
+    """An integer ≥ 1 (or ``None`` where allowed).
+
+    Example:
+        >>> check_positive_int("num_params", 4)
+        4
+        >>> check_positive_int("num_params", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: num_params must be an integer >= 1, got 0
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{argument} must be an integer >= 1{extra}, got {value!r}")
+    return value
+
+
+def check_positive_float(argument: str, value: object, *, allow_none: bool = False) -> float | None:
+    """A finite number > 0 (or ``None`` where allowed)."""
+    if value is None and allow_none:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{argument} must be a finite number > 0{extra}, got {value!r}")
+    return float(value)
+
+
+def check_mode(value: object) -> str:
+    """``"coordinate"`` or ``"directional"``."""
+    if value not in MODES:
+        raise ValueError(f"mode must be one of 'coordinate', 'directional'; got {value!r}")
+    return str(value)
+
+
+def check_dtype(value: object) -> str | None:
+    """``"float64"``, ``"float32"`` or ``None`` (the model's own dtype)."""
+    if value not in DTYPES:
+        raise ValueError(f"dtype must be one of 'float64', 'float32', None; got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def compile_patterns(argument: str, value: str | Sequence[str] | None) -> list[re.Pattern[str]]:
+    """Regular expressions from a string or a sequence of strings.
+
+    Example:
+        >>> [p.pattern for p in compile_patterns("include", r"fc\\d")]
+        ['fc\\\\d']
+    """
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    patterns = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(
+                f"{argument} must be a regular expression or a list of them, got {item!r}"
+            )
+        try:
+            patterns.append(re.compile(item))
+        except re.error as exc:
+            raise ValueError(
+                f"{argument} has an invalid regular expression {item!r}: {exc}"
+            ) from exc
+    return patterns
+
+
+def selected(
+    name: str, include: Sequence[re.Pattern[str]], exclude: Sequence[re.Pattern[str]]
+) -> bool:
+    """Whether a parameter name passes ``include`` (any matches, or none given) and ``exclude``."""
+    if include and not any(p.search(name) for p in include):
+        return False
+    return not any(p.search(name) for p in exclude)
+
+
+def check_seed(value: object) -> int:
+    """An integer seed.
+
+    Example:
+        >>> check_seed(3)
+        3
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"seed must be an integer, got {value!r}")
+    return value
+
+
+def check_optional_bool(argument: str, value: object) -> bool | None:
+    """``True``, ``False`` or ``None``.
+
+    Example:
+        >>> check_optional_bool("vectorize", None) is None
+        True
+        >>> check_optional_bool("vectorize", "yes")
+        Traceback (most recent call last):
+        ...
+        ValueError: vectorize must be True, False or None, got 'yes'
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError(f"{argument} must be True, False or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """The validated arguments every gradient check takes (torch and Keras alike)."""
+
+    num_params: int
+    mode: str
+    dtype: str | None
+    eps: float | None
+    rtol: float | None
+    seed: int
+    include: list[re.Pattern[str]]
+    exclude: list[re.Pattern[str]]
+
+    @classmethod
+    def validate(
+        cls,
+        *,
+        num_params: object,
+        mode: object,
+        dtype: object,
+        eps: object,
+        rtol: object,
+        seed: object,
+        include: str | Sequence[str] | None,
+        exclude: str | Sequence[str] | None,
+    ) -> CheckOptions:
+        """``ValueError`` naming the first bad argument; else the options."""
+        return cls(
+            num_params=int(check_positive_int("num_params", num_params) or 1),
+            mode=check_mode(mode),
+            dtype=check_dtype(dtype),
+            eps=check_positive_float("eps", eps, allow_none=True),
+            rtol=check_positive_float("rtol", rtol, allow_none=True),
+            seed=check_seed(seed),
+            include=compile_patterns("include", include),
+            exclude=compile_patterns("exclude", exclude),
+        )
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """Validated constructor arguments shared by the Lightning and Keras callbacks.
+
+    Example:
+        >>> WatchConfig.create(check_every_n_steps=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: check_every_n_steps must be None (cost budget) or an integer >= 1, got 0
+    """
+
+    check_every_n_steps: int | None = None
+    num_params: int = 32
+    mode: str = "coordinate"
+    dtype: str | None = "float64"
+    enable_checks: bool = True
+    enable_norms: bool = True
+    norm_every_n_steps: int = 1
+    log_every_n_steps: int | None = None
+    vanish_threshold: float = HealthThresholds.vanish_threshold
+    explode_threshold: float = HealthThresholds.explode_threshold
+    patience: int = HealthThresholds.patience
+    on_mismatch: Policy = "warn"
+    on_vanish: Policy = "warn"
+    on_explode: Policy = "warn"
+    on_nonfinite: Policy = "halt"
+    max_overhead: float = 0.02
+    seed: int = 0
+    eps: float | None = None
+    rtol: float | None = None
+    include: str | tuple[str, ...] | None = None
+    exclude: str | tuple[str, ...] | None = None
+    jsonl_path: str | None = None
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> WatchConfig:
+        """Validate every argument (``ValueError`` naming the argument) and build the config."""
+        c = cls(**kwargs)
+        if c.check_every_n_steps is not None and (
+            isinstance(c.check_every_n_steps, bool)
+            or not isinstance(c.check_every_n_steps, int)
+            or c.check_every_n_steps < 1
+        ):
+            raise ValueError(
+                "check_every_n_steps must be None (cost budget) or an integer >= 1, "
+                f"got {c.check_every_n_steps!r}"
+            )
+        check_positive_int("num_params", c.num_params)
+        check_mode(c.mode)
+        check_dtype(c.dtype)
+        for name in ("enable_checks", "enable_norms"):
+            if not isinstance(getattr(c, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
+        check_positive_int("norm_every_n_steps", c.norm_every_n_steps)
+        check_positive_int("log_every_n_steps", c.log_every_n_steps, allow_none=True)
+        check_positive_float("vanish_threshold", c.vanish_threshold)
+        check_positive_float("explode_threshold", c.explode_threshold)
+        check_positive_int("patience", c.patience)
+        for name in ("on_mismatch", "on_vanish", "on_explode", "on_nonfinite"):
+            validate_policy(name, getattr(c, name))
+        if (
+            isinstance(c.max_overhead, bool)
+            or not isinstance(c.max_overhead, (int, float))
+            or not 0 < c.max_overhead <= 1
+        ):
+            raise ValueError(f"max_overhead must be a number in (0, 1], got {c.max_overhead!r}")
+        check_seed(c.seed)
+        check_positive_float("eps", c.eps, allow_none=True)
+        check_positive_float("rtol", c.rtol, allow_none=True)
+        compile_patterns("include", c.include)
+        compile_patterns("exclude", c.exclude)
+        if c.jsonl_path is not None and not isinstance(c.jsonl_path, (str,)):
+            raise ValueError(f"jsonl_path must be a path string or None, got {c.jsonl_path!r}")
+        return c
+
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any]) -> WatchConfig:
+        """Validated config from a callback's constructor arguments (extra keys are ignored).
+
+        Sequences of patterns become tuples and paths become strings, so the config stays hashable
+        and serialisable.
+        """
+        names = set(cls.__dataclass_fields__)
+        kwargs = {k: v for k, v in arguments.items() if k in names}
+        for key in ("include", "exclude"):
+            value = kwargs.get(key)
+            if value is not None and not isinstance(value, str):
+                kwargs[key] = tuple(value)
+        if kwargs.get("jsonl_path") is not None:
+            kwargs["jsonl_path"] = str(kwargs["jsonl_path"])
+        return cls.create(**kwargs)
+
+    @property
+    def policies(self) -> dict[str, Policy]:
+        """The four policies by argument name."""
+        return {
+            "on_mismatch": self.on_mismatch,
+            "on_vanish": self.on_vanish,
+            "on_explode": self.on_explode,
+            "on_nonfinite": self.on_nonfinite,
+        }
+
+    @property
+    def thresholds(self) -> HealthThresholds:
+        """Health thresholds from this config."""
+        return HealthThresholds(
+            vanish_threshold=self.vanish_threshold,
+            explode_threshold=self.explode_threshold,
+            patience=self.patience,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The constructor arguments (for ``get_config`` and ``state_key``)."""
+        return asdict(self)

@@ -1,0 +1,63 @@
+"""Private torch attributes gradwatch relies on, in one place.
+
+Each is read from torch 2.2-2.13 (the range ``pyproject.toml`` allows); ``tests/torch/test_compat.py``
+fails loudly if one disappears, instead of gradwatch going silently wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "compiled_original",
+    "foreach_norm",
+    "module_buffer_slots",
+    "module_parameter_slots",
+    "set_module_buffer",
+]
+
+
+def compiled_original(model: nn.Module) -> nn.Module | None:
+    """The eager module inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), else ``None``.
+
+    Read from torch 2.2-2.13 (``torch/_dynamo/eval_frame.py``).
+    """
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def foreach_norm(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """L2 norm of each tensor in one fused kernel per device/dtype (``torch._foreach_norm``).
+
+    Read from torch 2.2-2.13; raises on sparse tensors (take those apart).
+    """
+    return torch._foreach_norm(list(tensors))
+
+
+def module_parameter_slots(module: nn.Module) -> Iterator[tuple[nn.Module, str, Any]]:
+    """``(module, name, parameter)`` for every parameter slot of every submodule (``_parameters``).
+
+    Read from torch 2.2-2.13 (``nn.Module._parameters``); slots holding ``None`` are included.
+    """
+    for m in module.modules():
+        for key, p in m._parameters.items():
+            yield m, key, p
+
+
+def module_buffer_slots(module: nn.Module) -> Iterator[tuple[nn.Module, str, Any]]:
+    """``(module, name, buffer)`` for every buffer slot of every submodule (``_buffers``).
+
+    Read from torch 2.2-2.13 (``nn.Module._buffers``); slots holding ``None`` are included.
+    """
+    for m in module.modules():
+        for key, b in m._buffers.items():
+            yield m, key, b
+
+
+def set_module_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace a buffer tensor without registering a new one (``_buffers[name] = value``)."""
+    module._buffers[name] = value

@@ -1,0 +1,255 @@
+"""``check_gradients`` / ``assert_gradients`` for any ``torch.nn.Module``, and the reusable checker.
+
+The check runs on a float64 twin of the model (:mod:`gradwatch.torch.twin`), evaluates losses
+deterministically (:mod:`gradwatch.torch.evaluate`, batched by :mod:`gradwatch.torch.vmap` where
+that pays) and judges them with the framework-free engine (:func:`gradwatch.core.check.check_problem`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradwatch import options as v
+from gradwatch.core.check import check_problem
+from gradwatch.errors import GradientCheckError
+from gradwatch.report import CheckReport
+from gradwatch.torch.evaluate import NP_DTYPES, Evaluator, LossFn, host_rng_preserved
+from gradwatch.torch.twin import Twin, cast_batch, named_trainable, unwrap_module
+from gradwatch.torch.vmap import BatchedEvaluator, Batching
+
+__all__ = ["TorchChecker", "assert_gradients", "check_gradients"]
+
+
+class TorchChecker:
+    """A reusable gradient check of one module (the callbacks keep one and call :meth:`check`).
+
+    The float64 twin is built once and refreshed with the model's current values at each check.
+
+    Args:
+        model: Any ``torch.nn.Module`` (``torch.compile`` and DDP wrappers are unwrapped).
+        loss_fn: ``loss_fn(module, batch) -> scalar tensor``.
+        num_params: Coordinates per check (``coordinate`` mode).
+        mode: ``"coordinate"`` or ``"directional"``.
+        dtype: ``"float64"`` (a float64 twin), ``"float32"`` or ``None`` (the model's dtype).
+        eps: Base step replacing ``cbrt(eps_machine)``.
+        rtol: Tolerance; ``None`` for the dtype's default.
+        seed: Seed of the private sampling generator and of the evaluations' RNG.
+        include: Regular expression(s) a parameter name must match.
+        exclude: Regular expression(s) a parameter name must not match.
+        vectorize: ``None`` (default): evaluate each tensor's perturbations in batches with
+            ``torch.func.vmap`` where that gives the loop's losses and is faster (measured on the
+            first checks, per tensor); ``False``: always one at a time; ``True``: vmap wherever
+            it works, without timing it.
+        prepare: Called as ``prepare(model, twin)`` once the twin is built (e.g. to restore a
+            trainer reference or silence logging on it).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        *,
+        num_params: int = 32,
+        mode: str = "coordinate",
+        dtype: str | None = "float64",
+        eps: float | None = None,
+        rtol: float | None = None,
+        seed: int = 0,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        vectorize: bool | None = None,
+        prepare: Callable[[nn.Module, nn.Module], None] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
+        o = v.CheckOptions.validate(
+            num_params=num_params,
+            mode=mode,
+            dtype=dtype,
+            eps=eps,
+            rtol=rtol,
+            seed=seed,
+            include=include,
+            exclude=exclude,
+        )
+        self.num_params, self.mode, self.dtype_name = o.num_params, o.mode, o.dtype
+        self.eps, self.rtol, self.seed = o.eps, o.rtol, o.seed
+        self.include, self.exclude = o.include, o.exclude
+        self.vectorize = v.check_optional_bool("vectorize", vectorize)
+        #: Per-tensor choice of vmap or the loop, kept across checks.
+        self.batching: dict[str, Batching] = {}
+        self.model = unwrap_module(model)
+        self.loss_fn = loss_fn
+        self.prepare = prepare
+        named = named_trainable(self.model, self.include, self.exclude)
+        self.names = [n for n, _ in named]
+        self.torch_dtype = self._target_dtype(named[0][1].dtype)
+        self._twin: Twin | None = None
+
+    def _target_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        if self.dtype_name == "float64":
+            return torch.float64
+        if self.dtype_name == "float32":
+            return torch.float32
+        return model_dtype if model_dtype in NP_DTYPES else torch.float32
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Checked tensor name → shape, in model order."""
+        lookup = dict(named_trainable(self.model, self.include, self.exclude))
+        return {n: tuple(lookup[n].shape) for n in self.names}
+
+    def twin(self) -> Twin:
+        """The (cached) module the checks compute on."""
+        if self._twin is None:
+            self._twin = Twin(self.model, self.torch_dtype, self.prepare)
+        return self._twin
+
+    def check(
+        self,
+        batch: Any,
+        *,
+        step: int | None = None,
+        tensors: Sequence[int] | None = None,
+        sample_seed: Sequence[int] | int | None = None,
+    ) -> CheckReport:
+        """Run one check on ``batch``; the model is left exactly as it was.
+
+        Args:
+            batch: Passed to ``loss_fn`` after its floating tensors are cast to the check dtype.
+            step: Optimizer step recorded in the report.
+            tensors: Indices into :attr:`names` to check (default all).
+            sample_seed: Seed of this check's private generator (default ``seed``).
+        """
+        started = time.perf_counter()
+        rng = np.random.default_rng(self.seed if sample_seed is None else sample_seed)
+        eval_seed = int(rng.integers(2**62))
+        twin = self.twin()
+        notes = list(twin.notes)
+        chosen = list(range(len(self.names))) if tensors is None else list(tensors)
+        with host_rng_preserved(), twin.synced() as module:
+            lookup = dict(named_trainable(module, self.include, self.exclude))
+            params = [lookup[n] for n in self.names]
+            device = params[0].device
+            cast = cast_batch(batch, self.torch_dtype, device)
+            args = (module, self.names, params, cast, self.loss_fn, eval_seed, self.torch_dtype)
+            evaluator: Evaluator = (
+                Evaluator(*args)
+                if self.vectorize is False
+                else BatchedEvaluator(
+                    *args, batching=self.batching, force_vmap=self.vectorize is True
+                )
+            )
+            try:
+                evaluator.compute_base()
+                report = check_problem(
+                    evaluator,
+                    tensors=chosen,
+                    num_params=self.num_params,
+                    mode=self.mode,
+                    rng=rng,
+                    rtol=self.rtol,
+                    eps=self.eps,
+                    step=step,
+                    notes=notes,
+                    started=started,
+                    hint="check that loss_fn runs the model",
+                )
+            finally:
+                evaluator.restore_buffers()
+        return report
+
+
+def check_gradients(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn,
+    *,
+    num_params: int = 32,
+    mode: str = "coordinate",
+    dtype: str | None = "float64",
+    eps: float | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    vectorize: bool | None = None,
+) -> CheckReport:
+    """Compare autodiff gradients of ``loss_fn(model, batch)`` with central finite differences.
+
+    Every trainable tensor is checked: ``num_params`` coordinates in all, bigger tensors getting
+    more and every tensor at least one (``mode="coordinate"``), or one random unit direction per
+    tensor (``mode="directional"``). The model is never changed.
+
+    Args:
+        model: Any ``torch.nn.Module``.
+        batch: A tensor, tuple, list, dict or nested mix; floating tensors are cast to the check
+            dtype, integer tensors (token ids, labels) are not.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        num_params: Coordinates in all (at least one per tensor).
+        mode: ``"coordinate"`` or ``"directional"``.
+        dtype: ``"float64"`` (default, a float64 copy), ``"float32"`` or ``None`` (the model's
+            dtype, in place): float32 cannot see bugs smaller than about 40% of a gradient.
+        eps: Replaces ``cbrt(eps_machine)`` in the step ``h = eps * max(1, |θ|)``.
+        rtol: Tolerance (default 1e-3 in float64, 0.4 aggregate in float32).
+        seed: Seed of the private sampling generator.
+        include: Regular expression(s) on parameter names to check.
+        exclude: Regular expression(s) on parameter names to skip.
+        vectorize: ``None``: evaluate perturbations in batches with ``torch.func.vmap`` where
+            that reproduces the loop's loss and is faster; ``False``: one at a time; ``True``:
+            vmap wherever it works.
+
+    Returns:
+        A :class:`~gradwatch.CheckReport`; ``str(report)`` is a readable table.
+
+    Raises:
+        ValueError: Bad arguments, no trainable parameters, a non-scalar loss, or a loss that
+            depends on none of the checked parameters.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> batch = torch.randn(16, 4)
+        >>> report = check_gradients(model, batch, lambda m, x: m(x).pow(2).mean())
+        >>> report.verdict, len(report.params)
+        ('pass', 4)
+    """
+    checker = TorchChecker(
+        model,
+        loss_fn,
+        num_params=num_params,
+        mode=mode,
+        dtype=dtype,
+        eps=eps,
+        rtol=rtol,
+        seed=seed,
+        include=include,
+        exclude=exclude,
+        vectorize=vectorize,
+    )
+    return checker.check(batch)
+
+
+def assert_gradients(model: nn.Module, batch: Any, loss_fn: LossFn, **kwargs: Any) -> CheckReport:
+    """Like :func:`check_gradients`, but raise :class:`~gradwatch.GradientCheckError` on ``fail``.
+
+    Meant for a user's own unit tests of custom layers.
+
+    Example:
+        >>> import torch
+        >>> assert_gradients(torch.nn.Linear(2, 1), torch.randn(3, 2),
+        ...                  lambda m, x: m(x).sum()).verdict
+        'pass'
+    """
+    report = check_gradients(model, batch, loss_fn, **kwargs)
+    if report.verdict == "fail":
+        raise GradientCheckError(f"gradient check failed\n{report}", report=report)
+    return report

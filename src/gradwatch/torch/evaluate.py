@@ -1,0 +1,211 @@
+"""Loss evaluations of the check engine's ``Problem`` on a torch module: deterministic, no trace.
+
+Every evaluation is reseeded from a private seed inside ``torch.random.fork_rng``, buffers are
+restored after it, a perturbed value is written back (not subtracted), and ``.grad`` is never
+touched. Perturbations are evaluated one at a time here; :mod:`gradwatch.torch.vmap` batches them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from gradwatch.core.check import Perturbation
+
+__all__ = ["Evaluator", "LossFn", "host_rng_preserved", "np_dtype"]
+
+LossFn = Callable[[nn.Module, Any], Any]
+
+NP_DTYPES: dict[torch.dtype, type[np.floating[Any]]] = {
+    torch.float64: np.float64,
+    torch.float32: np.float32,
+}
+
+
+def np_dtype(dtype: torch.dtype) -> type[np.floating[Any]]:
+    return NP_DTYPES.get(dtype, np.float32)
+
+
+@contextmanager
+def host_rng_preserved() -> Iterator[None]:
+    """Keep Python's and numpy's global RNG streams as they were (a loss_fn may draw from them)."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class Evaluator:
+    """Loss evaluations on a module, deterministic and leaving no trace (the engine's ``Problem``)."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        names: list[str],
+        params: list[nn.Parameter],
+        batch: Any,
+        loss_fn: LossFn,
+        seed: int,
+        dtype: torch.dtype,
+    ) -> None:
+        self.module = module
+        self._names = names
+        self.params = params
+        self.batch = batch
+        self.loss_fn = loss_fn
+        self.seed = seed
+        self.torch_dtype = dtype
+        self.np_dtype = np.dtype(np_dtype(dtype))
+        self.devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+        self.buffers = [(b, b.detach().clone()) for b in module.buffers()]
+        self._base: float = float("nan")
+        self._grads: list[torch.Tensor | None] = []
+        self.evaluations = 0
+        self._activation_bytes = 0
+
+    # -- Problem protocol ------------------------------------------------------------------
+    @property
+    def names(self) -> Sequence[str]:
+        return self._names
+
+    @property
+    def shapes(self) -> Sequence[tuple[int, ...]]:
+        return [tuple(p.shape) for p in self.params]
+
+    @property
+    def dtype(self) -> np.dtype[np.floating[Any]]:
+        return self.np_dtype
+
+    @property
+    def base_loss(self) -> float:
+        return self._base
+
+    def values(self, tensor: int) -> npt.NDArray[np.floating[Any]]:
+        return self.params[tensor].detach().cpu().numpy().copy()
+
+    def gradient(self, tensor: int) -> npt.NDArray[np.floating[Any]] | None:
+        g = self._grads[tensor]
+        return None if g is None else g.cpu().numpy()
+
+    def losses(self, perturbations: Sequence[Perturbation]) -> npt.NDArray[np.float64]:
+        out = np.empty(len(perturbations), dtype=np.float64)
+        groups: dict[int, list[int]] = {}
+        for k, pert in enumerate(perturbations):
+            groups.setdefault(pert.tensor, []).append(k)
+        with torch.no_grad():
+            for tensor, ks in groups.items():
+                out[ks] = self._group_losses(tensor, [perturbations[k] for k in ks])
+        return out
+
+    # -- one tensor's perturbations: the loop or vmap ------------------------------------------
+
+    def _group_losses(self, tensor: int, perts: list[Perturbation]) -> npt.NDArray[np.float64]:
+        """Losses of one tensor's perturbations (the loop; the batched evaluator overrides it)."""
+        return self._loop(perts)
+
+    def _loop(self, perturbations: Sequence[Perturbation]) -> npt.NDArray[np.float64]:
+        out = np.empty(len(perturbations), dtype=np.float64)
+        for k, pert in enumerate(perturbations):
+            p = self.params[pert.tensor]
+            value = torch.as_tensor(np.asarray(pert.value), dtype=p.dtype, device=p.device)
+            if pert.index is None:
+                saved = p.detach().clone()
+                p.copy_(value)
+                try:
+                    out[k] = self._loss_value(self._call())
+                finally:
+                    p.copy_(saved)
+            else:
+                saved = p[pert.index].detach().clone()
+                p[pert.index] = value
+                try:
+                    out[k] = self._loss_value(self._call())
+                finally:
+                    p[pert.index] = saved
+        return out
+
+    @contextmanager
+    def _seed(self) -> Iterator[None]:
+        """The evaluation seed on every generator in use; the caller's RNG streams untouched."""
+        with torch.random.fork_rng(devices=self.devices):
+            torch.default_generator.manual_seed(self.seed)
+            for index in self.devices:
+                torch.cuda.default_generators[index].manual_seed(self.seed)
+            yield
+
+    def _seeded(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` with the evaluation seed, every buffer put back afterwards."""
+        try:
+            with self._seed():
+                return fn()
+        finally:
+            self.restore_buffers()
+
+    # -- evaluation --------------------------------------------------------------------------
+    def _call(self, restore: bool = True) -> Any:
+        self.evaluations += 1
+        if restore:
+            return self._seeded(lambda: self.loss_fn(self.module, self.batch))
+        with self._seed():
+            return self.loss_fn(self.module, self.batch)
+
+    def restore_buffers(self) -> None:
+        with torch.no_grad():
+            for buf, saved in self.buffers:
+                buf.copy_(saved)
+
+    @staticmethod
+    def _loss_tensor(out: Any) -> torch.Tensor:
+        if isinstance(out, Mapping) and "loss" in out:
+            out = out["loss"]
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(
+                f"loss_fn must return a scalar tensor (or a dict with 'loss'), got {type(out).__name__}"
+            )
+        if out.numel() != 1:
+            raise ValueError(
+                f"loss_fn must return a scalar tensor, got a tensor of shape {tuple(out.shape)}"
+            )
+        return out
+
+    def _loss_value(self, out: Any) -> float:
+        return float(self._loss_tensor(out).detach().reshape(()).item())
+
+    def compute_base(self) -> None:
+        # Buffers are restored only after the backward pass: BatchNorm saves its running
+        # statistics for backward, and writing them first would trip autograd's version check.
+        saved_bytes = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved_bytes[0] += t.numel() * t.element_size()
+            return t
+
+        try:
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+                loss = self._loss_tensor(self._call(restore=False)).reshape(())
+                self._base = float(loss.detach().item())
+                if loss.requires_grad:
+                    grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                else:
+                    grads = tuple(None for _ in self.params)  # type: ignore[misc]
+        finally:
+            self.restore_buffers()
+        # What one forward keeps for backward: the estimate of a batched evaluation's memory.
+        self._activation_bytes = saved_bytes[0]
+        self._grads = [
+            None if g is None else (g.to_dense() if g.is_sparse else g).detach() for g in grads
+        ]
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t

@@ -1,0 +1,198 @@
+"""Writers of gradwatch records. The JSON-lines file is readable by ``gradwatch inspect``.
+
+Each line is one record: ``{"type": "norms", "step", "values": {param: norm}, "global"}``,
+``{"type": "report", "step", "report": CheckReport.to_dict()}`` or
+``{"type": "event", "step", "event": GradientEvent.to_dict()}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gradwatch.report import CheckReport, GradientEvent, json_float
+
+__all__ = ["JsonlSink", "TensorBoardSink"]
+
+
+class JsonlSink:
+    """Appends records to a JSON-lines file, opened lazily on the first write.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "gw.jsonl")
+        >>> sink = JsonlSink(path)
+        >>> sink.write_norms(1, {"w": 0.5}, 0.5); sink.close()
+        >>> open(path).read().count("\\n")
+        1
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fh: IO[str] | None = None
+
+    def _write(self, record: Mapping[str, Any]) -> None:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self.path.open("a", encoding="utf-8")
+        self._fh.write(json.dumps(record, allow_nan=False) + "\n")
+
+    def write_meta(self, meta: Mapping[str, Any]) -> None:
+        """The run's meta record (shapes, thresholds)."""
+        self._write({"type": "meta", **meta})
+
+    def write_norms(self, step: int, norms: Mapping[str, float], global_norm: float) -> None:
+        """One norms record."""
+        self._write(
+            {
+                "type": "norms",
+                "step": int(step),
+                "values": {k: json_float(v) for k, v in norms.items()},
+                "global": json_float(global_norm),
+            }
+        )
+
+    def write_report(self, report: CheckReport) -> None:
+        """One report record."""
+        self._write({"type": "report", "step": report.step, "report": report.to_dict()})
+
+    def write_schedule(self, step: int, text: str) -> None:
+        """One schedule record: when the next check is due and why."""
+        self._write({"type": "schedule", "step": int(step), "text": text})
+
+    def write_event(self, event: GradientEvent) -> None:
+        """One event record."""
+        self._write({"type": "event", "step": event.step, "event": event.to_dict()})
+
+    def flush(self) -> None:
+        """Flush to disk."""
+        if self._fh is not None:
+            self._fh.flush()
+
+    def close(self) -> None:
+        """Close the file (a later write reopens it)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class TensorBoardSink:
+    """TensorBoard event files without TensorFlow: TF2-style tensor summaries, created lazily.
+
+    Scalars and texts are written as ``tf.summary`` writes them (tensor summaries with the
+    ``scalars`` / ``text`` plugin), histograms as classic ``HistogramProto`` values; TensorBoard
+    and ``gradwatch inspect`` read both. No file exists until the first write.
+
+    Example:
+        >>> import tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> sink = TensorBoardSink(d)
+        >>> os.listdir(d)
+        []
+        >>> sink.scalars(1, {"gradwatch/grad_norm/global": 0.5}); sink.close()
+        >>> any("tfevents" in f for f in os.listdir(d))
+        True
+    """
+
+    def __init__(self, logdir: str | os.PathLike[str]) -> None:
+        self.logdir = str(logdir)
+        self._writer: Any = None
+
+    def _emit(self, step: int, values: list[Any]) -> None:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        if self._writer is None:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+            Path(self.logdir).mkdir(parents=True, exist_ok=True)
+            self._writer = EventFileWriter(self.logdir)
+        import time
+
+        event = event_pb2.Event(
+            wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+        )
+        self._writer.add_event(event)
+
+    def layout(self) -> None:
+        """The custom-scalars layout (all layers' norms in one chart, errors in another)."""
+        from gradwatch.watch.tags import custom_scalars_layout
+
+        summary = custom_scalars_layout()
+        self._emit(0, list(summary.value))
+
+    def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Scalar tensor summaries, one per tag."""
+        from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+
+        meta = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+        )
+        values = [
+            summary_pb2.Summary.Value(
+                tag=tag,
+                metadata=meta,
+                tensor=tensor_pb2.TensorProto(
+                    dtype=types_pb2.DT_FLOAT,
+                    tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+                    float_val=[float(v)],
+                ),
+            )
+            for tag, v in scalars.items()
+        ]
+        if values:
+            self._emit(step, values)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A text summary."""
+        from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+
+        meta = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text")
+        )
+        value = summary_pb2.Summary.Value(
+            tag=tag,
+            metadata=meta,
+            tensor=tensor_pb2.TensorProto(
+                dtype=types_pb2.DT_STRING,
+                tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+                string_val=[text.encode("utf-8")],
+            ),
+        )
+        self._emit(step, [value])
+
+    def histogram(self, tag: str, values: npt.ArrayLike, step: int, bins: int = 30) -> None:
+        """A histogram of finite values (non-finite ones are left out)."""
+        from tensorboard.compat.proto import summary_pb2
+
+        arr = np.asarray(values, dtype=np.float64).ravel()
+        arr = arr[np.isfinite(arr)]
+        if arr.size == 0:
+            return
+        counts, edges = np.histogram(arr, bins=bins)
+        histo = summary_pb2.HistogramProto(
+            min=float(arr.min()),
+            max=float(arr.max()),
+            num=float(arr.size),
+            sum=float(arr.sum()),
+            sum_squares=float(np.dot(arr, arr)),
+            bucket_limit=[float(x) for x in edges[1:]],
+            bucket=[float(c) for c in counts],
+        )
+        self._emit(step, [summary_pb2.Summary.Value(tag=tag, histo=histo)])
+
+    def flush(self) -> None:
+        """Flush to disk."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Close the file (a later write opens a new one)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -1,0 +1,399 @@
+"""gradwatch.keras on the TensorFlow backend (torch/JAX backends: test_keras_backends.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+tf = pytest.importorskip("tensorflow")
+
+from gradwatch import GradientCheckError, GradientHealthWarning  # noqa: E402
+from gradwatch.keras import GradWatch, assert_gradients, check_gradients  # noqa: E402
+from gradwatch.keras.checker import KerasChecker  # noqa: E402
+from tests.helpers import keras_models as km  # noqa: E402
+from tests.helpers.keras_bugs_tf import buggy  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def state(model):
+    return [np.array(keras.ops.convert_to_numpy(v.value)).copy() for v in model.variables]
+
+
+def opt_state(model):
+    return [np.array(keras.ops.convert_to_numpy(v.value)).copy() for v in model.optimizer.variables]
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize(
+    ("name", "factory", "kind"), km.healthy(), ids=[h[0] for h in km.healthy()]
+)
+def test_healthy_models_never_fail(seed, name, factory, kind):
+    keras.utils.set_random_seed(seed)
+    model = factory()
+    x, y = km.data(kind, seed)
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)  # optimizer state exists
+    before, before_opt = state(model), opt_state(model)
+    report = check_gradients(model, x, y, seed=seed)
+    assert report.verdict == "pass", f"{name}\n{report}"
+    after = state(model)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(before_opt, opt_state(model), strict=True))
+
+
+def test_keras_application_with_resolution_floor():
+    keras.utils.set_random_seed(0)
+    model = km.mobilenet()
+    x, y = km.data("rgb", 0, n=8)
+    report = check_gradients(model, x, y, num_params=48)
+    assert report.verdict in ("pass", "inconclusive"), str(report)
+    assert not report.failed
+
+
+@pytest.mark.parametrize("kind", ["scaled", "sign", "stop_gradient"])
+def test_injected_bugs_fail_in_every_seed(kind):
+    for seed in range(3):
+        keras.utils.set_random_seed(seed)
+        model, event_kind, param = buggy(kind)
+        x, y = km.data("mlp", seed)
+        report = check_gradients(model, x, y, seed=seed)
+        assert report.verdict == "fail", str(report)
+        assert any(e.kind == event_kind and e.param.endswith(param) for e in report.events), str(
+            report
+        )
+    with pytest.raises(GradientCheckError):
+        assert_gradients(model, x, y)
+
+
+def test_twin_computes_the_loss_in_float64_even_for_string_losses():
+    keras.utils.set_random_seed(0)
+    model = km.rnn("gru")  # compiled with a string loss
+    checker = KerasChecker(model)
+    assert all(w.dtype == "float64" for w in checker.twin.trainable_variables)
+    x, y = km.data("seq")
+    report = checker.check(x, y)
+    assert report.dtype == "float64" and report.verdict == "pass"
+    assert not any("float32 resolution" in n for n in report.notes)
+
+
+def test_compiled_check_does_not_retrace_for_new_coordinates_or_values():
+    keras.utils.set_random_seed(0)
+    model = km.mlp()
+    x, y = km.data("mlp")
+    checker = KerasChecker(model)
+    checker.check(x, y, sample_seed=1)
+    traces = checker.traces
+    model.fit(x, y, epochs=1, verbose=0)  # new values
+    checker.check(x, y, sample_seed=2)  # new coordinates
+    checker.check(*km.data("mlp", seed=5), sample_seed=3)  # new batch, same shapes
+    assert traces >= 1 and checker.traces == traces
+
+
+def test_uncompiled_model_without_loss_is_value_error():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="compile it"):
+        check_gradients(model, np.ones((2, 3), "float32"), np.zeros((2, 2), "float32"))
+    r = check_gradients(model, np.ones((2, 3), "float32"), np.zeros((2, 2), "float32"), loss="mse")
+    assert r.verdict == "pass"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_params": 0}, "num_params"),
+        ({"mode": "x"}, "mode must be one of"),
+        ({"dtype": "int8"}, "dtype must be one of"),
+        ({"include": "nothing"}, "include/exclude"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        check_gradients(km.mlp(), *km.data("mlp"), **kwargs)
+
+
+# --- the callback ---------------------------------------------------------------------------------
+
+
+def test_callback_healthy_run_logs_and_reports(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = km.mlp()
+    x, y = km.data("mlp", n=128)
+    cb = GradWatch(check_every_n_steps=3, log_dir=str(tmp_path), log_every_n_steps=1)
+    hist = model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0)
+    assert cb.events == []
+    assert [r.step for r in cb.reports] == [
+        1,
+        4,
+        7,
+        10,
+        13,
+        16,
+    ]  # optimizer.iterations after update
+    assert all(r.verdict == "pass" for r in cb.reports)
+    assert "gradwatch_grad_norm" in hist.history and "gradwatch_rel_error" in hist.history
+    from gradwatch.inspect import load
+
+    (run,) = load(tmp_path)
+    assert run.name == "gradwatch"
+    assert sorted(run.norms["global"]) == list(range(1, 17))
+    assert set(run.norms) >= {w.path for w in model.trainable_variables}
+
+
+def test_callback_mismatch_event_halt_and_raise():
+    x, y = km.data("mlp", n=256)
+    keras.utils.set_random_seed(0)
+    model, _, _ = buggy("scaled")
+    cb = GradWatch(check_every_n_steps=4, on_mismatch="ignore")
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    assert {e.kind for e in cb.events} == {"mismatch"} and [r.step for r in cb.reports] == [
+        1,
+        5,
+        9,
+        13,
+    ]
+
+    model, _, _ = buggy("sign")
+    cb = GradWatch(check_every_n_steps=4, on_mismatch="halt")
+    model.fit(x, y, batch_size=16, epochs=3, callbacks=[cb], verbose=0)
+    assert int(model.optimizer.iterations) == 1
+
+    model, _, _ = buggy("stop_gradient")
+    with pytest.raises(GradientCheckError, match="disconnected"):
+        model.fit(
+            x, y, batch_size=16, epochs=1, callbacks=[GradWatch(on_mismatch="raise")], verbose=0
+        )
+    assert not hasattr(model, "train_step") or "gradwatch" not in repr(
+        model.__dict__.get("train_step")
+    )
+
+
+def test_callback_warns_by_default():
+    model, _, _ = buggy("sign")
+    with pytest.warns(GradientHealthWarning, match="mismatch"):
+        model.fit(
+            *km.data("mlp", n=32), batch_size=16, epochs=1, callbacks=[GradWatch()], verbose=0
+        )
+
+
+def test_probe_data_forms(tmp_path):
+    x, y = km.data("mlp", n=64)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+
+    class Seq(keras.utils.PyDataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return x[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]
+
+    for probe in ((x[:16], y[:16]), (x[:16], y[:16], np.ones(16, "float32")), ds, Seq()):
+        model = km.mlp()
+        cb = GradWatch(check_every_n_steps=2, data=probe)
+        model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+        assert [r.verdict for r in cb.reports] == ["pass", "pass"]
+
+
+def test_probe_data_that_does_not_fit_is_value_error_at_train_begin():
+    model = km.mlp()
+    with pytest.raises(ValueError, match=r"expected inputs of shape \(None, 12\), got \(4, 7\)"):
+        model.fit(
+            *km.data("mlp"),
+            epochs=1,
+            verbose=0,
+            callbacks=[GradWatch(data=(np.ones((4, 7), "float32"), np.zeros(4)))],
+        )
+
+
+def test_vanishing_and_exploding():
+    keras.utils.set_random_seed(0)
+    x, y = km.data("mlp", n=128)
+    model = km.sigmoid_stack()
+    cb = GradWatch(enable_checks=False, on_vanish="ignore")
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    vanished = {e.param for e in cb.events if e.kind == "vanishing"}
+    first = model.trainable_variables[0].path
+    assert first in vanished and model.trainable_variables[-2].path not in vanished
+
+    model = km.exploding_stack()
+    cb = GradWatch(enable_checks=False, on_explode="halt")
+    model.fit(x, y, batch_size=8, epochs=20, callbacks=[cb], verbose=0)
+    assert {e.kind for e in cb.events} & {"exploding", "nonfinite"}
+    assert int(model.optimizer.iterations) < 50
+
+
+def test_second_fit_without_the_callback_is_untouched():
+    keras.utils.set_random_seed(0)
+    model = km.mlp()
+    x, y = km.data("mlp", n=64)
+    cb = GradWatch(check_every_n_steps=1)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    checks = len(cb.reports)
+    assert "train_step" not in model.__dict__ and "apply" not in model.optimizer.__dict__
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert len(cb.reports) == checks
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)  # and back on again
+    assert len(cb.reports) == 2 * checks
+
+
+def test_embedding_gradients_give_finite_norms():
+    keras.utils.set_random_seed(0)
+    model = km.rnn()
+    x, y = km.data("seq", n=64)
+    hist = model.fit(
+        x, y, batch_size=16, epochs=1, callbacks=[GradWatch(check_every_n_steps=2)], verbose=0
+    )
+    assert np.isfinite(hist.history["gradwatch_grad_norm"][-1])
+
+
+def test_constructor_validation_and_config():
+    with pytest.raises(ValueError, match="on_explode must be one of"):
+        GradWatch(on_explode="boom")
+    with pytest.raises(ValueError, match="check_every_n_steps"):
+        GradWatch(check_every_n_steps=-1)
+    config = GradWatch(num_params=8, log_dir="x").get_config()
+    assert config["num_params"] == 8 and config["log_dir"] == "x"
+    assert GradWatch(**{k: v for k, v in config.items() if k != "data"}).config.num_params == 8
+
+
+@pytest.mark.slow
+def test_weights_bit_identical_with_and_without_callback(tmp_path):
+    """Process-wide op determinism: in a subprocess."""
+    script = ROOT / "tests" / "scripts" / "keras_determinism.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["checks"] >= 3 and result["identical"], result
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_same_verdicts_as_without(tmp_path):
+    """Two logical CPU devices (a process-wide setting): in a subprocess."""
+    out = tmp_path / "mirrored.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / "keras_mirrored.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["plain"] == result["mirror"] == "pass"
+    assert result["same_entries"] and result["rel"][0] == result["rel"][1]
+    assert result["callback"] == ["pass", "pass"] and result["events"] == []
+    assert result["norms"] and all(np.isfinite(result["norms"]))
+    assert result["norm_steps"] == [1, 2, 3, 4]  # one row per step, not one per replica
+
+
+def test_default_schedule_decisions_are_logged(tmp_path):
+    keras.utils.set_random_seed(0)
+    path = tmp_path / "gw.jsonl"
+    cb = GradWatch(jsonl_path=str(path))
+    km.mlp().fit(*km.data("mlp", n=64), batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    schedule = [r for r in records if r["type"] == "schedule"]
+    assert schedule and schedule[0]["step"] == 1
+    assert "max_overhead=0.02" in schedule[0]["text"] and "s of training" in schedule[0]["text"]
+
+
+def test_inspect_reads_a_keras_run_with_events(tmp_path):
+    from gradwatch.cli import main
+
+    keras.utils.set_random_seed(0)
+    model, _, _ = buggy("scaled")
+    cb = GradWatch(check_every_n_steps=2, log_dir=str(tmp_path), on_mismatch="ignore")
+    model.fit(*km.data("mlp", n=64), batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradwatch", "inspect", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["runs"] == ["gradwatch"]
+    got = sorted((e["step"], e["kind"], e["param"], e["message"]) for e in doc["events"])
+    assert got == sorted((e.step, e.kind, e.param, e.message) for e in cb.events) and got
+    assert main(["inspect", str(tmp_path), "--exit-zero"]) == 0
+
+
+# --- norms read from the device every HEALTH_BLOCK steps -------------------------------------------
+
+
+def _norm_lines(path):
+    lines = [json.loads(x) for x in Path(path).read_text().splitlines()]
+    return [x for x in lines if x.get("type") == "norms"]
+
+
+def test_norms_read_in_blocks_are_every_steps_own_norms(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = km.compiled(
+        keras.Sequential(
+            [keras.Input((12,)), keras.layers.Dense(16, "tanh"), keras.layers.Dense(4)]
+        ),
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=model.loss)
+    x, y = km.data("mlp", n=16 * 37)
+    weights = [np.array(w) for w in model.get_weights()]
+    path = tmp_path / "gw.jsonl"
+    cb = GradWatch(enable_checks=False, log_every_n_steps=1, jsonl_path=str(path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    rows = _norm_lines(path)
+    assert [r["step"] for r in rows] == list(range(1, 38))  # 37 steps: two full blocks and a tail
+    # Replay SGD by hand: every row holds the norms of that step's own gradients.
+    replay = km.compiled(
+        keras.Sequential(
+            [keras.Input((12,)), keras.layers.Dense(16, "tanh"), keras.layers.Dense(4)]
+        )
+    )
+    replay.set_weights(weights)
+    for step in range(37):
+        xb, yb = x[16 * step : 16 * (step + 1)], y[16 * step : 16 * (step + 1)]
+        with tf.GradientTape() as tape:
+            loss = replay.loss(yb, replay(xb, training=True))
+        grads = tape.gradient(loss, replay.trainable_variables)
+        want = [float(tf.norm(g)) for g in grads]  # model order, as the record's
+        got = [rows[step]["values"][v.path] for v in model.trainable_variables]
+        assert got == pytest.approx(want, rel=1e-5), step
+        for v, g in zip(replay.trainable_variables, grads, strict=True):
+            v.assign(v - 0.1 * g)
+
+
+def test_nonfinite_loss_is_judged_and_halts_on_its_own_step():
+    keras.utils.set_random_seed(0)
+    model = km.mlp()
+    x, y = km.data("mlp", n=16 * 40)
+    x[16 * 5 : 16 * 6] = np.nan  # the 6th batch
+    cb = GradWatch(enable_checks=False)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    assert [(e.kind, e.step) for e in cb.events] == [("nonfinite", 6)]
+    assert int(model.optimizer.iterations) == 6  # halted right after that step
+
+
+def test_steps_per_execution_gives_one_norm_record_per_callback_call(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = km.mlp()
+    model.compile(optimizer="adam", loss=model.loss, steps_per_execution=4)
+    x, y = km.data("mlp", n=16 * 12)
+    path = tmp_path / "gw.jsonl"
+    cb = GradWatch(enable_checks=False, log_every_n_steps=1, jsonl_path=str(path))
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    steps = [r["step"] for r in _norm_lines(path)]
+    assert steps == [1, 2, 3]  # one per execution, numbered by callback call (docs/keras.md)

@@ -1,0 +1,68 @@
+"""Standalone DDP run for tests/test_lightning_ddp.py (Lightning re-launches this file per rank).
+
+Usage: python tests/scripts/ddp_script.py MODE OUTDIR, MODE in {halt, raise, budget}.
+Writes OUTDIR/rank{R}.json with what that rank saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+from gradwatch import GradientCheckError
+from gradwatch.lightning import GradWatch
+from tests.helpers.lightning_models import Classifier, ScaledGradFn, loader, trainer
+from torch import nn
+
+
+class RankBug(nn.Module):
+    """Correct on rank 0; the weight gradient is scaled by 0.9 on rank 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(nn.Linear(12, 16).weight.detach().clone())
+
+    def forward(self, x):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return ScaledGradFn.apply(x, self.weight, 0.9 if rank == 1 else 1.0)
+
+
+def main() -> None:
+    mode, outdir = sys.argv[1], Path(sys.argv[2])
+    torch.manual_seed(0)
+    buggy = mode != "budget"
+    first = RankBug() if buggy else nn.Linear(12, 16)
+    net = nn.Sequential(first, nn.Tanh(), nn.BatchNorm1d(16), nn.Linear(16, 4))
+    if mode == "budget":
+        cb = GradWatch(max_overhead=0.5)
+    else:
+        cb = GradWatch(check_every_n_steps=3, on_mismatch=mode)
+    t = trainer(
+        callbacks=[cb], devices=2, strategy="ddp", max_steps=12, max_epochs=50, deterministic=False
+    )
+    record: dict[str, object] = {}
+    try:
+        t.fit(Classifier(net), loader(n=256, batch_size=8))
+    except GradientCheckError as exc:
+        record["raised"] = str(exc)
+    rank = int(os.environ.get("LOCAL_RANK", t.global_rank))
+    record.update(
+        rank=rank,
+        global_step=t.global_step,
+        events=[e.to_dict() for e in cb.events],
+        checks=[r.step for r in cb.reports],
+        verdicts=[r.verdict for r in cb.reports],
+    )
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / f"rank{rank}.json").write_text(json.dumps(record))
+    if "raised" in record:
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

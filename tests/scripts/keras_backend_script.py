@@ -1,0 +1,69 @@
+"""Core Keras checks on one backend, in its own process: python tests/scripts/keras_backend_script.py OUT.
+
+KERAS_BACKEND must be set by the caller (torch or jax). Writes OUT as JSON.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np
+
+import keras
+from gradwatch.keras import GradWatch, check_gradients
+from tests.helpers import keras_models as km
+
+
+class ScaledDense(keras.layers.Dense):
+    """A Dense layer whose kernel reaches the output through a stop_gradient (backend-agnostic)."""
+
+    def call(self, x):
+        return keras.ops.matmul(x, keras.ops.stop_gradient(self.kernel)) + self.bias
+
+
+def main() -> None:
+    out: dict[str, object] = {"backend": keras.backend.backend()}
+    verdicts = {}
+    for name, factory, kind in km.healthy()[:3]:
+        keras.utils.set_random_seed(0)
+        model = factory()
+        x, y = km.data(kind)
+        before = [np.array(keras.ops.convert_to_numpy(v.value)).copy() for v in model.variables]
+        r = check_gradients(model, x, y)
+        after = [np.array(keras.ops.convert_to_numpy(v.value)) for v in model.variables]
+        verdicts[name] = {
+            "verdict": r.verdict,
+            "notes": list(r.notes),
+            "unchanged": all(np.array_equal(a, b) for a, b in zip(before, after, strict=True)),
+        }
+    out["healthy"] = verdicts
+    keras.utils.set_random_seed(0)
+    bad = km.compiled(
+        keras.Sequential(
+            [
+                keras.Input((12,)),
+                ScaledDense(16, name="cut"),
+                keras.layers.Activation("tanh"),
+                keras.layers.Dense(4),
+            ]
+        )
+    )
+    r = check_gradients(bad, *km.data("mlp"))
+    out["bug"] = {"verdict": r.verdict, "events": [(e.kind, e.param) for e in r.events]}
+    keras.utils.set_random_seed(0)
+    model = km.mlp()
+    x, y = km.data("mlp", n=64)
+    cb = GradWatch(check_every_n_steps=2, data=(x[:16], y[:16]))
+    hist = model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    out["callback"] = {
+        "verdicts": [r.verdict for r in cb.reports],
+        "steps": [r.step for r in cb.reports],
+        "norms_logged": "gradwatch_grad_norm" in hist.history,
+    }
+    Path(sys.argv[1]).write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

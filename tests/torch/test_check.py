@@ -1,0 +1,270 @@
+"""gradwatch.torch.check_gradients on real torch building blocks."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+import pytest
+
+import torch
+from gradwatch import GradientCheckError
+from gradwatch.torch import assert_gradients, check_gradients
+from gradwatch.torch.twin import cast_batch, clean_name
+from tests.helpers.torch_zoo import MLP, bugs, classify, make_batch, zoo
+from torch import nn
+
+SEEDS = range(4)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("mode", ["coordinate", "directional"])
+def test_healthy_zoo_never_fails(seed, mode):
+    for name, model, kind in zoo(seed):
+        model.train()
+        report = check_gradients(model, make_batch(kind, seed), classify, mode=mode, seed=seed)
+        assert report.verdict == "pass", f"{name} seed {seed}\n{report}"
+        assert report.params == tuple(n for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize(("name", "factory", "kind", "param"), bugs(), ids=[b[0] for b in bugs()])
+def test_injected_bugs_fail_with_the_right_event(seed, name, factory, kind, param):
+    torch.manual_seed(seed)
+    model = factory()
+    report = check_gradients(model, make_batch("mlp", seed), classify, seed=seed)
+    assert report.verdict == "fail", str(report)
+    assert (kind, param) in [(e.kind, e.param) for e in report.events], str(report)
+
+
+@pytest.mark.parametrize(
+    ("name", "factory", "kind", "param"), bugs()[:4], ids=[b[0] for b in bugs()[:4]]
+)
+def test_directional_mode_catches_bugs_too(name, factory, kind, param):
+    for seed in range(3):
+        torch.manual_seed(seed)
+        report = check_gradients(
+            factory(), make_batch("mlp", seed), classify, mode="directional", seed=seed
+        )
+        assert (kind, param) in [(e.kind, e.param) for e in report.events], str(report)
+
+
+def test_assert_gradients_raises_with_report():
+    torch.manual_seed(0)
+    factory = bugs()[1][1]
+    with pytest.raises(GradientCheckError, match=r"first\.weight") as info:
+        assert_gradients(factory(), make_batch("mlp"), classify)
+    assert info.value.report is not None and info.value.report.verdict == "fail"
+    assert assert_gradients(MLP(), make_batch("mlp"), classify).verdict == "pass"
+
+
+# --- no trace -------------------------------------------------------------------------------------
+
+
+def snapshot(model):
+    return {
+        "params": [(n, p.detach().clone(), p.dtype, p.device) for n, p in model.named_parameters()],
+        "ids": [id(p) for p in model.parameters()],
+        "buffers": [(n, b.detach().clone(), b.dtype) for n, b in model.named_buffers()],
+        "grads": [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
+        "torch_rng": torch.get_rng_state(),
+        "py_rng": random.getstate(),
+        "np_rng": np.random.get_state()[1].copy(),
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def assert_unchanged(before, model):
+    after = snapshot(model)
+    assert before["ids"] == after["ids"]
+    for (n, a, da, dev), (_, b, db, dev2) in zip(before["params"], after["params"], strict=True):
+        assert da == db and dev == dev2 and torch.equal(a, b), n
+    for (n, a, da), (_, b, db) in zip(before["buffers"], after["buffers"], strict=True):
+        assert da == db and torch.equal(a, b), n
+    for a, b in zip(before["grads"], after["grads"], strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(before["torch_rng"], after["torch_rng"])
+    assert before["py_rng"] == after["py_rng"]
+    assert np.array_equal(before["np_rng"], after["np_rng"])
+    assert before["training"] == after["training"]
+
+
+def _with_grads(model, batch):
+    classify(model, batch).backward()
+    return model
+
+
+def _noisy_loss(model, batch):
+    # Draws from every global stream the user might use.
+    random.random()
+    np.random.rand()
+    return classify(model, batch) + 0.0 * torch.rand(())
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", None])
+@pytest.mark.parametrize("mode", ["coordinate", "directional"])
+def test_check_leaves_no_trace(dtype, mode):
+    torch.manual_seed(0)
+    model = MLP(batchnorm=True)
+    batch = make_batch("mlp")
+    _with_grads(model, batch)
+    before = snapshot(model)
+    check_gradients(model, batch, _noisy_loss, dtype=dtype, mode=mode)
+    assert_unchanged(before, model)
+
+
+class Uncopyable(MLP):
+    def __init__(self):
+        super().__init__(batchnorm=True)
+        self.lock = threading.Lock()  # deepcopy fails on a lock
+
+
+def test_uncopyable_model_is_checked_in_place_and_restored_exactly():
+    torch.manual_seed(0)
+    model = Uncopyable()
+    batch = make_batch("mlp")
+    _with_grads(model, batch)
+    before = snapshot(model)
+    report = check_gradients(model, batch, classify)
+    assert report.verdict == "pass" and report.dtype == "float64"
+    assert any("could not be copied" in n for n in report.notes)
+    assert_unchanged(before, model)
+
+
+def test_nested_dict_batch_casts_floats_only():
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(30, 4)
+            self.lin = nn.Linear(4 + 3, 4)
+
+        def forward(self, batch):
+            ids, feats = batch["inputs"]["ids"], batch["inputs"]["feats"]
+            assert ids.dtype == torch.int64
+            return self.lin(torch.cat([self.emb(ids).mean(1), feats], 1))
+
+    batch = {
+        "inputs": {"ids": torch.randint(0, 30, (8, 5)), "feats": torch.randn(8, 3)},
+        "labels": [torch.randint(0, 4, (8,))],
+    }
+    report = check_gradients(DictModel(), batch, lambda m, b: classify(m, (b, b["labels"][0])))
+    assert report.verdict == "pass"
+    cast = cast_batch(batch, torch.float64, None)
+    assert cast["inputs"]["feats"].dtype == torch.float64 and cast["labels"][0].dtype == torch.int64
+
+
+def test_sparse_embedding_gradients_are_checked():
+    from tests.helpers.torch_zoo import RNN
+
+    torch.manual_seed(0)
+    report = check_gradients(RNN(sparse=True), make_batch("seq"), classify, include="emb")
+    assert report.params == ("emb.weight",)
+    assert report.verdict in ("pass", "inconclusive")
+    assert not report.failed
+
+
+def test_include_exclude_and_frozen_parameters():
+    model = MLP()
+    model.fc2.weight.requires_grad_(False)
+    r = check_gradients(model, make_batch("mlp"), classify, exclude=[r"^out\."])
+    assert r.params == ("fc1.weight", "fc1.bias", "fc2.bias")
+    r = check_gradients(model, make_batch("mlp"), classify, include="fc1")
+    assert set(r.params) == {"fc1.weight", "fc1.bias"}
+
+
+def test_more_tensors_than_num_params_gets_one_each_and_says_so():
+    r = check_gradients(MLP(), make_batch("mlp"), classify, num_params=3)
+    assert len(r.params) == 6 and len(r.results) >= 6
+    assert any("one coordinate per tensor" in n for n in r.notes)
+
+
+def test_torch_compile_prefix_removed():
+    assert clean_name("_orig_mod.fc1.weight") == "fc1.weight"
+
+
+def test_seed_makes_sampling_reproducible_and_different_seeds_differ():
+    model, batch = MLP(), make_batch("mlp")
+    a = check_gradients(model, batch, classify, seed=3)
+    b = check_gradients(model, batch, classify, seed=3)
+    c = check_gradients(model, batch, classify, seed=4)
+    assert [e.index for e in a.results] == [e.index for e in b.results]
+    assert [e.index for e in a.results] != [e.index for e in c.results]
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_params": 0}, "num_params must be an integer >= 1, got 0"),
+        ({"mode": "random"}, "mode must be one of 'coordinate', 'directional'; got 'random'"),
+        ({"dtype": "float16"}, "dtype must be one of 'float64', 'float32', None; got 'float16'"),
+        ({"eps": -1.0}, "eps must be a finite number > 0"),
+        ({"include": "(["}, "include has an invalid regular expression"),
+        ({"include": "nomatch"}, "include/exclude left no parameter"),
+    ],
+)
+def test_bad_arguments_are_value_errors(kwargs, match):
+    model = MLP()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace("[", r"\[")):
+        check_gradients(model, make_batch("mlp"), classify, **kwargs)
+    assert_unchanged(before, model)
+
+
+def test_model_without_trainable_parameters():
+    frozen = MLP().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable floating-point parameters"):
+        check_gradients(frozen, make_batch("mlp"), classify)
+    with pytest.raises(ValueError, match="no trainable"):
+        check_gradients(nn.ReLU(), torch.randn(3), lambda m, x: m(x).sum())
+
+
+def test_integer_only_model():
+    class IntModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.arange(5), requires_grad=False)
+
+        def forward(self, x):
+            return self.table[x]
+
+    with pytest.raises(ValueError, match="no trainable"):
+        check_gradients(IntModel(), torch.tensor([1]), lambda m, x: m(x).sum())
+
+
+def test_non_scalar_loss():
+    model = MLP()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="scalar tensor"):
+        check_gradients(model, make_batch("mlp"), lambda m, b: m(b[0]))
+    assert_unchanged(before, model)
+
+
+def test_loss_independent_of_parameters_is_value_error():
+    model = MLP()
+    with pytest.raises(ValueError, match="no autograd path"):
+        check_gradients(model, make_batch("mlp"), lambda m, b: b[0].sum() * 1.0)
+
+
+def test_loss_cut_from_graph_but_dependent_is_disconnected():
+    model = MLP()
+    report = check_gradients(model, make_batch("mlp"), lambda m, b: classify(m, b).detach())
+    assert report.verdict == "fail"
+    assert {e.kind for e in report.events} == {"disconnected"}
+
+
+def test_nonfinite_loss_gives_event_not_crash():
+    model = MLP()
+    before = snapshot(model)
+    report = check_gradients(model, make_batch("mlp"), lambda m, b: classify(m, b) * float("inf"))
+    assert report.verdict == "inconclusive"
+    assert [e.kind for e in report.events] == ["nonfinite"]
+    assert_unchanged(before, model)
+
+
+def test_dict_loss_with_loss_key_accepted():
+    r = check_gradients(MLP(), make_batch("mlp"), lambda m, b: {"loss": classify(m, b)})
+    assert r.verdict == "pass"
