@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from gradwatch.core.check import MODES
 from gradwatch.core.health import HealthThresholds
 from gradwatch.core.policy import Policy, validate_policy
 
@@ -28,7 +29,6 @@ __all__ = [
 ]
 
 DTYPES: tuple[str | None, ...] = ("float64", "float32", None)
-MODES: tuple[str, ...] = ("coordinate", "directional")
 
 
 def check_positive_int(argument: str, value: object, *, allow_none: bool = False) -> int | None:

@@ -26,9 +26,7 @@ Verdict = Literal["pass", "fail", "inconclusive"]
 Status = Literal["ok", "mismatch", "disconnected", "kink", "zero"]
 EventKind = Literal["mismatch", "disconnected", "vanishing", "exploding", "nonfinite"]
 
-VERDICTS: tuple[str, ...] = ("pass", "fail", "inconclusive")
 STATUSES: tuple[str, ...] = ("ok", "mismatch", "disconnected", "kink", "zero")
-EVENT_KINDS: tuple[str, ...] = ("mismatch", "disconnected", "vanishing", "exploding", "nonfinite")
 
 
 def json_float(value: float | None) -> float | str | None:

@@ -165,7 +165,8 @@ def test_writes_norms_errors_histograms_and_events_to_tensorboard(tmp_path):
     assert "gradwatch/grad_norm/global" in scalars
     assert "gradwatch/grad_norm/net.0.weight" in scalars
     assert "gradwatch/rel_error/net.0.weight" in scalars and "gradwatch/rel_error/max" in scalars
-    assert [e.step for e in acc.Scalars("gradwatch/grad_norm/global")] == [0, 2, 4, 6]
+    # Written on Lightning's own logging steps: (step + 1) % 2 == 0, labelled with its 0-based step.
+    assert [e.step for e in acc.Scalars("gradwatch/grad_norm/global")] == [1, 3, 5, 7]
     assert "gradwatch/grad_hist/net.0.weight" in acc.Tags()["histograms"]
     assert "gradwatch/events/text_summary" in acc.Tags()["tensors"]
     assert "gradwatch/grad_norm/global" in t.callback_metrics
@@ -355,8 +356,10 @@ def test_gradscaler_skipped_steps_are_counted_not_reported():
         should_stop=False,
     )
     cb = GradWatch(enable_checks=False, on_nonfinite="halt")
-    cb._params = list(model.named_parameters())
-    cb._watcher.start({n: tuple(p.shape) for n, p in cb._params})
+    from gradwatch.lightning.norms import GradNorms
+
+    cb._norms = GradNorms(list(model.named_parameters()))
+    cb._watcher.start({n: tuple(p.shape) for n, p in model.named_parameters()})
     for step in range(9):
         loop.epoch_loop._batches_that_stepped = step
         cb.on_before_optimizer_step(trainer, model, opt)
@@ -369,4 +372,4 @@ def test_gradscaler_skipped_steps_are_counted_not_reported():
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     cb.on_before_optimizer_step(trainer, model, opt)
-    assert cb._consecutive_skips == 0 and cb._pending
+    assert cb._watcher.consecutive_skips == 0 and cb._pending

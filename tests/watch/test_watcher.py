@@ -27,15 +27,15 @@ def _norms(**over):
 def test_nonfinite_is_judged_on_the_step_it_happens():
     w = _watcher()
     for step in range(3):
-        assert w.observe_norms(step, _norms(), write=False)[0] == []
-    events, action = w.observe_norms(3, _norms(**{"0.bias": float("nan")}), write=False)
+        assert w.observe_norms(step, _norms())[0] == []
+    events, action = w.observe_norms(3, _norms(**{"0.bias": float("nan")}))
     assert [(e.step, e.kind) for e in events] == [(3, "nonfinite")]
     assert action.halt  # default on_nonfinite="halt", acted on at once
 
 
 def test_absolute_explosion_is_judged_at_once():
     w = _watcher(on_explode="raise")
-    events, action = w.observe_norms(0, _norms(**{"1.weight": 1e4 * math.sqrt(8)}), write=False)
+    events, action = w.observe_norms(0, _norms(**{"1.weight": 1e4 * math.sqrt(8)}))
     assert [(e.kind, e.param) for e in events] == [("exploding", "1.weight")]
     assert action.error is not None
 
@@ -44,7 +44,7 @@ def test_vanishing_waits_for_its_block_but_names_its_own_step():
     w = _watcher()
     got = []
     for step in range(HEALTH_BLOCK):
-        got.append(w.observe_norms(step, _norms(**{"1.weight": 1e-9}), write=False)[0])
+        got.append(w.observe_norms(step, _norms(**{"1.weight": 1e-9}))[0])
     assert all(e == [] for e in got[:-1])  # nothing judged before the block is full
     assert [(e.step, e.kind, e.param) for e in got[-1]] == [(1, "vanishing", "1.weight")]
 
@@ -52,7 +52,7 @@ def test_vanishing_waits_for_its_block_but_names_its_own_step():
 def test_flush_judges_a_partly_filled_block():
     w = _watcher(on_vanish="raise")
     for step in range(3):
-        assert w.observe_norms(step, _norms(**{"1.weight": 1e-9}), write=False)[0] == []
+        assert w.observe_norms(step, _norms(**{"1.weight": 1e-9}))[0] == []
     events, action = w.flush_health()
     assert [(e.step, e.param) for e in events] == [(1, "1.weight")]
     assert action.error is not None
@@ -71,7 +71,7 @@ def test_rows_waiting_in_a_block_survive_a_checkpoint(cut):
                 w.load_state_dict(state)
                 w.start(SHAPES)
             norms = _norms(**{"1.weight": 1e-9}) if step >= 2 else _norms()
-            seen += w.observe_norms(step, norms, write=False)[0]
+            seen += w.observe_norms(step, norms)[0]
         return seen + w.flush_health()[0]
 
     assert run(cut) == run(-1)

@@ -233,10 +233,9 @@ def run_check(
         rec.all_zero = g is None or not np.any(g)
         info[t] = rec
 
-    rng_local = rng
     entries: list[_Entry] = []
     if mode == "coordinate":
-        picks = sample_coordinates([info[t].shape for t in chosen], num_params, rng_local)
+        picks = sample_coordinates([info[t].shape for t in chosen], num_params, rng)
         for t, idxs in zip(chosen, picks, strict=True):
             for idx in idxs:
                 info[t].taken.add(idx)
@@ -244,7 +243,7 @@ def run_check(
     else:
         for t in chosen:
             entries.append(
-                _Entry(tensor=t, index=None, direction=random_direction(info[t].shape, rng_local))
+                _Entry(tensor=t, index=None, direction=random_direction(info[t].shape, rng))
             )
 
     done: list[_Entry] = []
@@ -265,7 +264,7 @@ def run_check(
                 e.replaced = True
                 rec = info[e.tensor]
                 if mode == "coordinate":
-                    fresh = sample_index(rec.shape, rng_local, rec.taken)
+                    fresh = sample_index(rec.shape, rng, rec.taken)
                     if fresh is not None:
                         rec.taken.add(fresh)
                         pending.append(_Entry(tensor=e.tensor, index=fresh))
@@ -274,7 +273,7 @@ def run_check(
                         _Entry(
                             tensor=e.tensor,
                             index=None,
-                            direction=random_direction(rec.shape, rng_local),
+                            direction=random_direction(rec.shape, rng),
                         )
                     )
 

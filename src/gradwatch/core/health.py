@@ -34,7 +34,16 @@ import numpy as np
 
 from gradwatch.report import GradientEvent
 
-__all__ = ["HealthMonitor", "HealthThresholds", "layer_prefix"]
+__all__ = [
+    "SKIPPED_STEPS_EVENT",
+    "HealthMonitor",
+    "HealthThresholds",
+    "layer_prefix",
+    "skipped_steps_event",
+]
+
+#: Consecutive optimizer steps a loss scaler skipped before the collapsing scale is an event.
+SKIPPED_STEPS_EVENT = 10
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,33 @@ def layer_prefix(name: str) -> str:
     """
     cut = max(name.rfind("."), name.rfind("/"))
     return name[:cut] if cut > 0 else ""
+
+
+def skipped_steps_event(
+    step: int, skipped: int, scale: float, scaler: str = "loss scaler"
+) -> GradientEvent:
+    """The event of a loss scaler that skipped ``skipped`` steps in a row (its scale collapsing).
+
+    Skipped steps are routine under float16 mixed precision (the scaler lowers its scale and
+    retries); only a run of :data:`SKIPPED_STEPS_EVENT` of them is an event. ``scaler`` names it
+    in the framework's words (Lightning: ``"GradScaler"``).
+
+    Example:
+        >>> skipped_steps_event(40, 10, 2.0**-6).kind
+        'nonfinite'
+    """
+    return GradientEvent(
+        step=step,
+        kind="nonfinite",
+        param="global",
+        value=float(skipped),
+        threshold=float(SKIPPED_STEPS_EVENT),
+        message=(
+            f"the {scaler} skipped {skipped} optimizer steps in a row (overflowing gradients, "
+            f"loss scale {scale:.3g}): the loss scale is collapsing; try bf16 mixed precision, a "
+            f"lower learning rate or gradient clipping"
+        ),
+    )
 
 
 class HealthMonitor:

@@ -85,8 +85,12 @@ def dispatch(
     events: Iterable[GradientEvent],
     policies: Mapping[str, Policy],
     report: CheckReport | None = None,
+    *,
+    announce: bool = True,
 ) -> Action:
     """Log every event, warn where the policy says so, and return the action to take.
+
+    ``announce=False`` (the ranks other than zero) decides the same action and says nothing.
 
     Example:
         >>> e = GradientEvent(4, "exploding", "fc.weight", 5e3, 1e3, "too big")
@@ -99,10 +103,12 @@ def dispatch(
         policy = policy_for(event, policies)
         text = f"gradwatch: step {event.step}: {event.kind} in {event.param}: {event.message}"
         if policy == "ignore":
-            logger.info(text)
+            if announce:
+                logger.info(text)
             continue
-        logger.warning(text)
-        if policy == "warn":
+        if announce:
+            logger.warning(text)
+        if policy == "warn" and announce:
             warnings.warn(text, GradientHealthWarning, stacklevel=3)
         elif policy == "halt":
             halt = True

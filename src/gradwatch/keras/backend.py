@@ -6,8 +6,9 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import keras
 import numpy as np
+
+import keras
 
 __all__ = ["floatx", "to_numpy", "torch_rng", "value_and_grad"]
 

@@ -13,10 +13,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import keras
 import numpy as np
 import numpy.typing as npt
 
+import keras
 from gradwatch import options as v
 from gradwatch.core.check import Perturbation, check_problem
 from gradwatch.errors import GradientCheckError
@@ -24,7 +24,13 @@ from gradwatch.keras.backend import floatx, to_numpy, torch_rng, value_and_grad
 from gradwatch.keras.twin import build_twin, compiled_loss, model_dtype
 from gradwatch.report import CheckReport
 
-__all__ = ["KerasChecker", "assert_gradients", "check_gradients"]
+__all__ = [
+    "KerasChecker",
+    "assert_gradients",
+    "check_gradients",
+    "check_probe_shapes",
+    "probe_batch",
+]
 
 
 class _Problem:
@@ -344,3 +350,48 @@ def assert_gradients(model: Any, x: Any, y: Any = None, **kwargs: Any) -> CheckR
     if report.verdict == "fail":
         raise GradientCheckError(f"gradient check failed\n{report}", report=report)
     return report
+
+
+# -- probe data for the callback ------------------------------------------------------------------
+
+
+def probe_batch(data: Any) -> tuple[Any, Any, Any]:
+    """``(x, y, sample_weight)`` from arrays, a ``tf.data.Dataset`` or a ``keras.utils.PyDataset``."""
+    if isinstance(data, keras.utils.PyDataset):
+        item = data[0]
+    elif type(data).__name__.endswith("Dataset") and hasattr(data, "take"):
+        item = next(iter(data.take(1)))
+    elif isinstance(data, (tuple, list)):
+        item = tuple(data)
+    else:
+        item = (data,)
+    if not isinstance(item, (tuple, list)):
+        item = (item,)
+    item = tuple(item) + (None,) * (3 - len(item))
+    if len(item) > 3:
+        raise ValueError(
+            f"data must be (x, y) or (x, y, sample_weight), got a tuple of {len(item)} items"
+        )
+    return item[0], item[1], item[2]
+
+
+def check_probe_shapes(model: Any, x: Any) -> None:
+    """``ValueError`` naming the expected and given shapes when probe inputs cannot fit the model."""
+    expected = getattr(model, "input_shape", None)
+    if expected is None or isinstance(x, Mapping):
+        return
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    exp = list(expected) if isinstance(expected, list) else [expected]
+    if len(xs) != len(exp):
+        raise ValueError(f"data= has {len(xs)} inputs but the model expects {len(exp)}")
+    for given, want in zip(xs, exp, strict=True):
+        shape = tuple(np.shape(given))
+        if want is None:
+            continue
+        want_t = tuple(want)
+        if len(shape) != len(want_t) or any(
+            w is not None and w != s for w, s in zip(want_t[1:], shape[1:], strict=False)
+        ):
+            raise ValueError(
+                f"data= does not fit the model: expected inputs of shape {want_t}, got {shape}"
+            )

@@ -17,6 +17,7 @@ __all__ = [
     "foreach_norm",
     "module_buffer_slots",
     "module_parameter_slots",
+    "optimizer_unscales_itself",
     "set_module_buffer",
 ]
 
@@ -61,3 +62,12 @@ def module_buffer_slots(module: nn.Module) -> Iterator[tuple[nn.Module, str, Any
 def set_module_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
     """Replace a buffer tensor without registering a new one (``_buffers[name] = value``)."""
     module._buffers[name] = value
+
+
+def optimizer_unscales_itself(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer unscales a ``GradScaler``'s gradients inside ``step()`` (fused Adam...).
+
+    Read from torch 2.2-2.13 (``Optimizer._step_supports_amp_scaling``): for such optimizers the
+    gradients seen before ``step()`` are still scaled.
+    """
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))

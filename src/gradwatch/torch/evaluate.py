@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
-from torch import nn
 
+import torch
 from gradwatch.core.check import Perturbation
+from torch import nn
 
 __all__ = ["Evaluator", "LossFn", "host_rng_preserved", "np_dtype"]
 

@@ -1,8 +1,17 @@
-"""Writers of gradwatch records. The JSON-lines file is readable by ``gradwatch inspect``.
+"""Where records go: the :class:`Sink` protocol and its framework-free writers.
 
-Each line is one record: ``{"type": "norms", "step", "values": {param: norm}, "global"}``,
-``{"type": "report", "step", "report": CheckReport.to_dict()}`` or
-``{"type": "event", "step", "event": GradientEvent.to_dict()}``.
+The :class:`~gradwatch.watch.watcher.Watcher` is the only caller: it decides what is written,
+when, and on which rank, and hands every record to each of its sinks. A sink only formats.
+
+* :class:`JsonlSink`: one JSON record per line — ``{"type": "meta", ...}``,
+  ``{"type": "norms", "step", "values": {param: norm}, "global"}``,
+  ``{"type": "report", "step", "report": CheckReport.to_dict()}``,
+  ``{"type": "event", "step", "event": GradientEvent.to_dict()}``,
+  ``{"type": "schedule", "step", "text"}``.
+* :class:`TensorBoardSink`: TensorBoard event files, no TensorFlow needed.
+* Lightning's loggers: :class:`gradwatch.lightning.sinks.LoggersSink`.
+
+Both files are readable by ``gradwatch inspect``.
 """
 
 from __future__ import annotations
@@ -11,14 +20,56 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from gradwatch.report import CheckReport, GradientEvent, json_float
+from gradwatch.watch import tags
 
-__all__ = ["JsonlSink", "TensorBoardSink"]
+__all__ = ["JsonlSink", "Sink", "TensorBoardSink"]
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """What the watcher writes through. Every method is called on the writing rank only.
+
+    To add a sink, implement these eight methods (a no-op is fine where a record has no place)
+    and pass it to :meth:`Watcher.open <gradwatch.watch.watcher.Watcher.open>`.
+    """
+
+    def write_meta(self, step: int, meta: Mapping[str, Any]) -> None:
+        """The run's shapes and thresholds, once, before any other record."""
+        ...
+
+    def write_norms(self, step: int, norms: Mapping[str, float], global_norm: float) -> None:
+        """Per-tensor gradient L2 norms of one optimizer step, and their global norm."""
+        ...
+
+    def write_histograms(self, step: int, values: Mapping[str, npt.ArrayLike]) -> None:
+        """Gradient values per tensor (finite ones), at the logging period."""
+        ...
+
+    def write_report(self, report: CheckReport) -> None:
+        """One check's report (its events arrive through :meth:`write_event`)."""
+        ...
+
+    def write_event(self, event: GradientEvent) -> None:
+        """One event."""
+        ...
+
+    def write_schedule(self, step: int, text: str) -> None:
+        """After a check: when the next one is due and why."""
+        ...
+
+    def flush(self) -> None:
+        """Push what was written to disk (before a raise, at the end of training)."""
+        ...
+
+    def close(self) -> None:
+        """Release files; a later write may reopen."""
+        ...
 
 
 class JsonlSink:
@@ -43,7 +94,7 @@ class JsonlSink:
             self._fh = self.path.open("a", encoding="utf-8")
         self._fh.write(json.dumps(record, allow_nan=False) + "\n")
 
-    def write_meta(self, meta: Mapping[str, Any]) -> None:
+    def write_meta(self, step: int, meta: Mapping[str, Any]) -> None:
         """The run's meta record (shapes, thresholds)."""
         self._write({"type": "meta", **meta})
 
@@ -57,6 +108,10 @@ class JsonlSink:
                 "global": json_float(global_norm),
             }
         )
+
+    def write_histograms(self, step: int, values: Mapping[str, npt.ArrayLike]) -> None:
+        """Histograms have no place in the JSON lines."""
+        return None
 
     def write_report(self, report: CheckReport) -> None:
         """One report record."""
@@ -119,11 +174,37 @@ class TensorBoardSink:
         )
         self._writer.add_event(event)
 
+    # -- the Sink protocol ---------------------------------------------------------------------
+    def write_meta(self, step: int, meta: Mapping[str, Any]) -> None:
+        """Meta as a text summary, and the custom-scalars layout."""
+        self.text(tags.META_TAG, json.dumps(dict(meta)), step)
+        self.layout()
+
+    def write_norms(self, step: int, norms: Mapping[str, float], global_norm: float) -> None:
+        """Norm scalars."""
+        self.scalars(step, tags.norm_scalars(norms, global_norm))
+
+    def write_histograms(self, step: int, values: Mapping[str, npt.ArrayLike]) -> None:
+        """One histogram per tensor."""
+        for name, arr in values.items():
+            self.histogram(tags.hist_tag(name), arr, step)
+
+    def write_report(self, report: CheckReport) -> None:
+        """Worst relative error per checked tensor, and the maximum."""
+        self.scalars(report.step or 0, tags.report_scalars(report))
+
+    def write_event(self, event: GradientEvent) -> None:
+        """The event's JSON as a text summary."""
+        self.text(tags.EVENTS_TAG, tags.event_text(event), event.step)
+
+    def write_schedule(self, step: int, text: str) -> None:
+        """The schedule decision as a text summary."""
+        self.text(tags.SCHEDULE_TAG, text, step)
+
+    # -- summaries -------------------------------------------------------------------------------
     def layout(self) -> None:
         """The custom-scalars layout (all layers' norms in one chart, errors in another)."""
-        from gradwatch.watch.tags import custom_scalars_layout
-
-        summary = custom_scalars_layout()
+        summary = tags.custom_scalars_layout()
         self._emit(0, list(summary.value))
 
     def scalars(self, step: int, scalars: Mapping[str, float]) -> None:

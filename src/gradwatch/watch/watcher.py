@@ -1,30 +1,55 @@
-"""The framework-free half of every callback: configuration, health rules, schedule, records.
+"""The framework-free half of every callback: health rules, schedule, records, sinks, actions.
 
-A callback (Lightning, Keras) owns a :class:`Watcher`. It hands it gradient norms and check reports
-and acts on the returned :class:`~gradwatch.core.policy.Action`; where records are written is the
-callback's business (its logger), except the JSON-lines file, which the watcher writes itself.
+A callback (Lightning, Keras) owns a :class:`Watcher`. It hands it what the framework measured —
+gradient norms, check reports, skipped steps — and carries out the returned
+:class:`~gradwatch.core.policy.Action`. The watcher alone decides what is written, when, and by
+which rank, and writes it through its :class:`~gradwatch.watch.sinks.Sink` objects.
+
+Steps: every record is labelled with the framework's own step (``step``); which steps are
+sampled is decided on the 1-based optimizer-step count, ``count = step - first_step + 1``:
+
+* norms feed the health rules when ``(count - 1) % norm_every_n_steps == 0`` (the first step
+  always);
+* norms are written when ``count % log_every == 0`` (Lightning's own rule), and always for a step
+  that has an event; ``log_every = 0`` writes no periodic norms;
+* a check is due when the schedule says so for the 0-based index ``count - 1``, or — under
+  distributed training — at the step all ranks agreed on.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from gradwatch.core.health import HealthMonitor
+from gradwatch.core.health import (
+    SKIPPED_STEPS_EVENT,
+    HealthMonitor,
+    skipped_steps_event,
+)
 from gradwatch.core.policy import Action, dispatch
 from gradwatch.core.sampling import round_robin
-from gradwatch.core.schedule import Schedule, make_schedule
+from gradwatch.core.schedule import BudgetSchedule, Schedule, make_schedule
 from gradwatch.options import WatchConfig
 from gradwatch.report import CheckReport, GradientEvent
-from gradwatch.watch.sinks import JsonlSink
+from gradwatch.watch.sinks import JsonlSink, Sink
 
-__all__ = ["HEALTH_BLOCK", "MAX_EVENTS", "MAX_REPORTS", "WatchRecords", "Watcher", "global_norm"]
+__all__ = [
+    "HEALTH_BLOCK",
+    "MAX_EVENTS",
+    "MAX_REPORTS",
+    "WatchRecords",
+    "Watcher",
+    "global_norm",
+    "merge_rank_events",
+]
 
 logger = logging.getLogger("gradwatch")
 
@@ -34,23 +59,64 @@ MAX_EVENTS = 10_000
 #: Norm observations judged together (a block): the health rules' per-step cost is paid once per
 #: block. A non-finite or above-threshold value is judged at once, whatever the block holds.
 HEALTH_BLOCK = 16
+#: Training-step durations the distributed check plan averages over.
+STEP_TIMES = 50
 
 
-def global_norm(norms: Mapping[str, float]) -> float:
+def global_norm(norms: Mapping[str, float] | Iterable[float]) -> float:
     """``sqrt(Σ ‖g‖²)``.
 
     Example:
         >>> global_norm({"a": 3.0, "b": 4.0})
         5.0
     """
-    return math.sqrt(sum(float(n) ** 2 for n in norms.values()))
+    values = norms.values() if isinstance(norms, Mapping) else norms
+    return math.sqrt(sum(float(n) ** 2 for n in values))
+
+
+def merge_rank_events(per_rank: Sequence[Sequence[GradientEvent]]) -> list[GradientEvent]:
+    """Events of several ranks as one list: an event seen on several ranks is one event.
+
+    Events are keyed by ``(step, kind, param)``; the worst value is kept (for every kind a larger
+    value is worse, except ``vanishing``), and the message names the ranks that saw it.
+
+    Example:
+        >>> a = GradientEvent(3, "mismatch", "w", 0.1, 1e-3, "off")
+        >>> b = GradientEvent(3, "mismatch", "w", 0.2, 1e-3, "off")
+        >>> [(e.value, e.message) for e in merge_rank_events([[a], [b]])]
+        [(0.2, 'off (ranks 0, 1)')]
+        >>> [e.message for e in merge_rank_events([[], [a]])]
+        ['off (rank 1)']
+    """
+    if len(per_rank) <= 1:
+        return list(per_rank[0]) if per_rank else []
+    merged: dict[tuple[int, str, str], tuple[GradientEvent, list[int]]] = {}
+    for rank, events in enumerate(per_rank):
+        for e in events:
+            key = (e.step, e.kind, e.param)
+            if key not in merged:
+                merged[key] = (e, [rank])
+                continue
+            kept, ranks = merged[key]
+            worse = e.value < kept.value if e.kind == "vanishing" else e.value > kept.value
+            merged[key] = (e if worse else kept, [*ranks, rank])
+    out = []
+    for e, ranks in merged.values():
+        note = (
+            f" (rank {ranks[0]})" if len(ranks) == 1 else f" (ranks {', '.join(map(str, ranks))})"
+        )
+        out.append(GradientEvent(e.step, e.kind, e.param, e.value, e.threshold, e.message + note))
+    return out
+
+
+def _write_event(sink: Sink, event: GradientEvent) -> None:
+    sink.write_event(event)
 
 
 class WatchRecords:
     """What both callbacks expose from their :class:`Watcher` (a mixin; needs ``self._watcher``)."""
 
     _watcher: Watcher
-    _warned: set[str]
 
     @property
     def reports(self) -> list[CheckReport]:
@@ -67,25 +133,35 @@ class WatchRecords:
         """Events beyond the in-memory cap."""
         return self._watcher.events_dropped
 
-    def _warn_once(self, key: str, message: str) -> None:
-        """One ``UserWarning`` (and a log line) per ``key`` for what gradwatch had to skip."""
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        logger.warning(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
-
 
 class Watcher:
-    """Health rules, schedule, bounded records and the JSON-lines sink for one training run.
+    """Health rules, schedule, bounded records and the sinks of one training run.
 
     Args:
         config: Validated configuration.
+        first_step: The framework's label of the first optimizer step (Lightning 0, Keras 1).
+
+    Example:
+        >>> w = Watcher(WatchConfig.create(), first_step=1)
+        >>> w.open([], log_every=5)
+        >>> w.writes(5), w.writes(6), w.check_due(1)
+        (True, False, True)
     """
 
-    def __init__(self, config: WatchConfig) -> None:
+    def __init__(self, config: WatchConfig, *, first_step: int = 0) -> None:
         self.config = config
-        self.schedule: Schedule = make_schedule(config.check_every_n_steps, config.max_overhead)
+        self.first_step = first_step
+        self.sinks: list[Sink] = []
+        self.writer = True
+        self.log_every = config.log_every_n_steps or 50
+        self._warned: set[str] = set()
+        self.reset()
+
+    def reset(self) -> None:
+        """A fresh run: records, schedule, health rules and the check switch as constructed."""
+        self.schedule: Schedule = make_schedule(
+            self.config.check_every_n_steps, self.config.max_overhead
+        )
         self.health: HealthMonitor | None = None
         self.numels: dict[str, int] = {}
         self.shapes: dict[str, list[int]] = {}
@@ -94,17 +170,72 @@ class Watcher:
         self._events: list[GradientEvent] = []
         self.events_dropped = 0
         self.checks_done = 0
+        self.checks_on = self.config.enable_checks
         self.skipped_steps = 0
-        self.jsonl = JsonlSink(config.jsonl_path) if config.jsonl_path else None
+        self.consecutive_skips = 0
+        self.next_check: int | None = None  # agreed across ranks (distributed only)
+        self._step_times: deque[float] = deque(maxlen=STEP_TIMES)
         # Norm observations waiting to be judged (see observe_norms).
         self._block_names: tuple[str, ...] = ()
         self._block_steps: list[int] = []
+        self._block_written: list[bool] = []
         self._block = np.empty((HEALTH_BLOCK, 0))
         self._block_scale = np.ones(0)
         self._block_limit = np.ones(0)
         self._limit_list: list[float] = []
         self._pending_rows: list[tuple[int, dict[str, float]]] = []
 
+    def open(
+        self, sinks: Sequence[Sink], *, writer: bool = True, log_every: int | None = None
+    ) -> None:
+        """Where records go for this run, and whether this process writes them (rank zero).
+
+        Args:
+            sinks: The run's sinks; a ``jsonl_path`` in the config adds a :class:`JsonlSink`.
+            writer: ``False`` on every rank but zero: records are kept, nothing is written or
+                announced.
+            log_every: Write norms every this many optimizer steps (``config.log_every_n_steps``
+                wins when set; ``0`` writes no periodic norms).
+        """
+        self.close()
+        self.sinks = list(sinks)
+        if self.config.jsonl_path:
+            self.sinks.append(JsonlSink(self.config.jsonl_path))
+        self.writer = writer
+        if self.config.log_every_n_steps is not None:
+            self.log_every = self.config.log_every_n_steps
+        elif log_every is not None:
+            self.log_every = max(0, int(log_every))
+
+    # -- what is sampled -----------------------------------------------------------------------
+    def count(self, step: int) -> int:
+        """The 1-based optimizer-step count of a step label."""
+        return step - self.first_step + 1
+
+    def observes(self, step: int) -> bool:
+        """Whether the health rules take this step's norms (``norm_every_n_steps``)."""
+        return (
+            self.config.enable_norms
+            and (self.count(step) - 1) % self.config.norm_every_n_steps == 0
+        )
+
+    def writes(self, step: int) -> bool:
+        """Whether this step's norms are written (every ``log_every`` steps, on the writer)."""
+        return self.writer and self.log_every > 0 and self.count(step) % self.log_every == 0
+
+    def check_due(self, step: int) -> bool:
+        """Whether a check runs at this step."""
+        if not self.checks_on:
+            return False
+        if self.next_check is not None:
+            return step >= self.next_check
+        return self.schedule.due(self.count(step) - 1)
+
+    def tensors_for_check(self, n_tensors: int) -> list[int]:
+        """Round-robin window of tensors for the next check (all when they fit ``num_params``)."""
+        return round_robin(n_tensors, self.config.num_params, self.checks_done)
+
+    # -- tensors and meta ----------------------------------------------------------------------
     def start(self, shapes: Mapping[str, Sequence[int]]) -> None:
         """Know the tensors (name → shape, model order); keeps health state across restarts."""
         self.shapes = {n: [int(d) for d in s] for n, s in shapes.items()}
@@ -128,17 +259,18 @@ class Watcher:
             "rtol": self.config.rtol or tolerances_for(dtype).rtol,
         }
 
-    def meta_once(self) -> dict[str, Any] | None:
-        """:meth:`meta` the first time (also into the JSON-lines file), ``None`` afterwards."""
-        if self._meta_written:
-            return None
-        self._meta_written = True
-        meta = self.meta()
-        if self.jsonl is not None:
-            self.jsonl.write_meta(meta)
-        return meta
+    def _write(self, what: Callable[[Sink], None], step: int) -> None:
+        if not self.writer or not self.sinks:
+            return
+        if not self._meta_written:
+            self._meta_written = True
+            meta = self.meta()
+            for sink in self.sinks:
+                sink.write_meta(step, meta)
+        for sink in self.sinks:
+            what(sink)
 
-    # -- records -----------------------------------------------------------------------------
+    # -- records -------------------------------------------------------------------------------
     @property
     def reports(self) -> list[CheckReport]:
         """The latest :data:`MAX_REPORTS` check reports."""
@@ -149,20 +281,28 @@ class Watcher:
         """Events, the first :data:`MAX_EVENTS` of them (``events_dropped`` counts the rest)."""
         return list(self._events)
 
-    def _record_events(self, events: Sequence[GradientEvent]) -> None:
+    def _record(self, events: Sequence[GradientEvent], report: CheckReport | None = None) -> Action:
         for e in events:
             if len(self._events) < MAX_EVENTS:
                 self._events.append(e)
             else:
                 self.events_dropped += 1
-            if self.jsonl is not None:
-                self.jsonl.write_event(e)
+            self._write(functools.partial(_write_event, event=e), e.step)
+        return dispatch(events, self.config.policies, report, announce=self.writer)
 
-    # -- observations ------------------------------------------------------------------------
+    def warn_once(self, key: str, message: str) -> None:
+        """One ``UserWarning`` (and a log line) per ``key`` for what gradwatch had to skip."""
+        if key in self._warned or not self.writer:
+            return
+        self._warned.add(key)
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+    # -- norms ---------------------------------------------------------------------------------
     def observe_norms(
-        self, step: int, norms: Mapping[str, float], *, write: bool
+        self, step: int, norms: Mapping[str, float]
     ) -> tuple[list[GradientEvent], Action]:
-        """Feed L2 norms of one optimizer step; returns the events that start now and the action.
+        """Feed the L2 norms of one optimizer step; returns the events that start now and the action.
 
         Observations are judged in blocks of up to :data:`HEALTH_BLOCK` steps (same events, same
         steps, as one at a time); a non-finite norm or one above ``explode_threshold`` is judged
@@ -170,31 +310,36 @@ class Watcher:
         (which needs ``patience`` steps anyway) and sudden jumps act when their block is judged:
         at most ``HEALTH_BLOCK - 1`` steps later, and at the end of training (:meth:`flush_health`).
         """
-        if write and self.jsonl is not None:
-            self.jsonl.write_norms(step, norms, global_norm(norms))
+        written = self.writes(step)
+        if written:
+            self._write(lambda sink: sink.write_norms(step, norms, global_norm(norms)), step)
         events = self._prepare(norms)
-        events.extend(self._add_row(step, norms))
-        self._record_events(events)
-        return events, dispatch(events, self.config.policies)
+        events.extend(self._add_row(step, norms, written))
+        return events, self._record(events)
 
     def observe_norm_rows(
-        self,
-        steps: Sequence[int],
-        names: Sequence[str],
-        rows: np.ndarray,
-        *,
-        write: Sequence[bool],
+        self, steps: Sequence[int], names: Sequence[str], rows: npt.NDArray[np.float64]
     ) -> tuple[list[GradientEvent], Action]:
         """:meth:`observe_norms` for several steps read at once (row ``i`` is step ``steps[i]``)."""
-        if self.jsonl is not None:
-            for i, w in enumerate(write):
-                if w:
-                    norms = dict(zip(names, rows[i].tolist(), strict=True))
-                    self.jsonl.write_norms(int(steps[i]), norms, global_norm(norms))
+        written = [self.writes(int(s)) for s in steps]
+        for i, w in enumerate(written):
+            if w:
+                self._write_row(int(steps[i]), tuple(names), rows[i])
         events = self._prepare(names)
-        events.extend(self._add_rows([int(x) for x in steps], tuple(names), rows))
-        self._record_events(events)
-        return events, dispatch(events, self.config.policies)
+        events.extend(self._add_rows([int(x) for x in steps], tuple(names), rows, written))
+        return events, self._record(events)
+
+    def _write_row(self, step: int, names: tuple[str, ...], row: npt.NDArray[np.float64]) -> None:
+        norms = dict(zip(names, row.tolist(), strict=True))
+        self._write(lambda sink: sink.write_norms(step, norms, global_norm(norms)), step)
+
+    def write_histograms(
+        self, step: int, values: Callable[[], Mapping[str, npt.ArrayLike]]
+    ) -> None:
+        """Gradient histograms at a writing step (``values`` is called only if something writes)."""
+        if self.writes(step) and self.sinks:
+            arrays = values()
+            self._write(lambda sink: sink.write_histograms(step, arrays), step)
 
     def _prepare(self, names: Iterable[str]) -> list[GradientEvent]:
         """Health rules ready for these tensors; the events of rows a checkpoint carried."""
@@ -203,25 +348,30 @@ class Watcher:
         events: list[GradientEvent] = []
         restored, self._pending_rows = self._pending_rows, []
         for old_step, old_norms in restored:  # judged before the new rows, in step order
-            events.extend(self._add_row(old_step, old_norms))
+            events.extend(self._add_row(old_step, old_norms, True))
         return events
 
-    def _add_row(self, step: int, norms: Mapping[str, float]) -> list[GradientEvent]:
+    def _add_row(self, step: int, norms: Mapping[str, float], written: bool) -> list[GradientEvent]:
         filled = len(self._block_steps)
         if filled < HEALTH_BLOCK and tuple(norms) == self._block_names:
             # The every-step path: a row into the block, an urgency test in plain Python.
             values = list(norms.values())
             self._block[filled] = values
             self._block_steps.append(step)
+            self._block_written.append(written)
             calm = all(x <= lim for x, lim in zip(values, self._limit_list, strict=True))
             if filled + 1 == HEALTH_BLOCK or not calm:  # NaN is never <= a limit
                 return self._judge_block()
             return []
         row = np.fromiter(norms.values(), dtype=np.float64, count=len(norms))
-        return self._add_rows([step], tuple(norms), row[None, :])
+        return self._add_rows([step], tuple(norms), row[None, :], [written])
 
     def _add_rows(
-        self, steps: list[int], names: tuple[str, ...], rows: np.ndarray
+        self,
+        steps: list[int],
+        names: tuple[str, ...],
+        rows: npt.NDArray[np.float64],
+        written: list[bool],
     ) -> list[GradientEvent]:
         events: list[GradientEvent] = []
         if names != self._block_names:
@@ -239,6 +389,7 @@ class Watcher:
             k = len(chunk)
             self._block[filled : filled + k] = chunk
             self._block_steps.extend(steps[start : start + k])
+            self._block_written.extend(written[start : start + k])
             if len(self._block_steps) == HEALTH_BLOCK or not (chunk <= self._block_limit).all():
                 events.extend(self._judge_block())
             start += k
@@ -247,8 +398,7 @@ class Watcher:
     def flush_health(self) -> tuple[list[GradientEvent], Action]:
         """Judge the observations still waiting in the current block (call at the end of training)."""
         events = self._judge_block()
-        self._record_events(events)
-        return events, dispatch(events, self.config.policies)
+        return events, self._record(events)
 
     def _judge_block(self) -> list[GradientEvent]:
         if not self._block_steps or self.health is None:
@@ -256,43 +406,97 @@ class Watcher:
         k = len(self._block_steps)
         rms = self._block[:k] / self._block_scale
         steps, self._block_steps = self._block_steps, []
-        return self.health.observe_block(steps, self._block_names, rms)
+        written, self._block_written = self._block_written, []
+        events = self.health.observe_block(steps, self._block_names, rms)
+        # The norms of a step with an event are always written.
+        for step in sorted({e.step for e in events}):
+            if step in steps and not written[steps.index(step)] and self.writer:
+                self._write_row(step, self._block_names, self._block[steps.index(step)])
+        return events
 
-    def observe_report(self, report: CheckReport) -> Action:
-        """Record a check report; returns the action its events call for."""
+    def observe_skipped_step(self, step: int, skipped: bool, scale: float, scaler: str) -> Action:
+        """A step a loss scaler skipped (overflow) or applied; a run of skips is an event."""
+        if not skipped:
+            self.consecutive_skips = 0
+            return Action()
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips != SKIPPED_STEPS_EVENT:
+            return Action()
+        return self._record([skipped_steps_event(step, self.consecutive_skips, scale, scaler)])
+
+    # -- checks --------------------------------------------------------------------------------
+    def disable_checks(self, step: int, reason: str) -> None:
+        """A check could not run: checks are off for the rest of the run (norms go on)."""
+        self.checks_on = False
+        self.warn_once(
+            "check-error",
+            f"GradWatch: the gradient check at step {step} failed ({reason}); checks are switched "
+            f"off, norms go on",
+        )
+
+    def record_step(self, seconds: float) -> None:
+        """Measured duration of one training step, check time excluded."""
+        self.schedule.record_step(seconds)
+        self._step_times.append(seconds)
+
+    def plan_next_check(self, step: int, seconds: float) -> int | None:
+        """After a check of ``seconds`` at ``step``: the step of the next one, on this rank's clock.
+
+        Distributed callbacks take rank zero's plan (:meth:`agree_next_check`), so every rank checks
+        at the same step; ``None`` for a fixed period (every rank computes the same steps).
+        """
+        if not isinstance(self.schedule, BudgetSchedule):
+            return None
+        probe = BudgetSchedule(self.schedule.max_overhead)
+        probe.record_check(seconds)
+        mean = sum(self._step_times) / len(self._step_times) if self._step_times else 0.0
+        return step + probe.steps_until_due(mean)
+
+    def agree_next_check(self, step: int | None) -> None:
+        """The next check's step as all ranks agreed on it (``None``: the schedule decides)."""
+        self.next_check = step
+
+    def observe_report(
+        self,
+        report: CheckReport | None,
+        step: int,
+        seconds: float,
+        events: Sequence[GradientEvent] | None = None,
+    ) -> Action:
+        """Record a check (``None``: it was skipped), its events and the schedule decision.
+
+        Args:
+            report: The check's report, or ``None`` when no check ran.
+            step: The step of the check.
+            seconds: Its duration (fed to the schedule).
+            events: The events to record instead of the report's own (a distributed check:
+                every rank's events, merged).
+        """
+        self.schedule.record_check(seconds)
+        decision = self.schedule.explain()
+        if self.next_check is not None:
+            decision = f"{decision}; all ranks check next at step {self.next_check}"
+        if self.writer:
+            logger.info("gradwatch: step %d: %s", step, decision)
+        self._write(lambda sink: sink.write_schedule(step, decision), step)
+        if report is None:
+            return self._record(list(events or ()))
         self._reports.append(report)
         self.checks_done += 1
-        if self.jsonl is not None:
-            self.jsonl.write_report(report)
-        self._record_events(report.events)
-        return dispatch(report.events, self.config.policies, report)
+        self._write(lambda sink: sink.write_report(report), step)
+        return self._record(list(report.events if events is None else events), report)
 
-    def schedule_decision(self, step: int) -> str:
-        """After a check: when the next one is due and why (logged, and into the JSON lines)."""
-        text = self.schedule.explain()
-        logger.info("gradwatch: step %d: %s", step, text)
-        if self.jsonl is not None:
-            self.jsonl.write_schedule(step, text)
-        return text
-
-    def observe_event(self, event: GradientEvent) -> Action:
-        """Record one event produced outside the rules (e.g. a collapsing loss scale)."""
-        self._record_events([event])
-        return dispatch([event], self.config.policies)
-
-    def tensors_for_check(self, n_tensors: int) -> list[int]:
-        """Round-robin window of tensors for the next check (all when they fit ``num_params``)."""
-        return round_robin(n_tensors, self.config.num_params, self.checks_done)
-
+    # -- output --------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Flush the JSON-lines file."""
-        if self.jsonl is not None:
-            self.jsonl.flush()
+        """Flush every sink (before a raise, at the end of training)."""
+        for sink in self.sinks:
+            sink.flush()
 
     def close(self) -> None:
-        """Close the JSON-lines file."""
-        if self.jsonl is not None:
-            self.jsonl.close()
+        """Close every sink."""
+        for sink in self.sinks:
+            sink.close()
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -302,7 +506,9 @@ class Watcher:
             "health": self.health.state_dict() if self.health is not None else None,
             "checks_done": self.checks_done,
             "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
             "events_dropped": self.events_dropped,
+            "next_check": self.next_check,
             "pending_norms": {
                 "names": list(self._block_names),
                 "steps": list(self._block_steps),
@@ -311,11 +517,13 @@ class Watcher:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict` (the constructor's arguments always win)."""
         self.schedule.load_state_dict(dict(state.get("schedule", {})))
         self.checks_done = int(state.get("checks_done", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.events_dropped = int(state.get("events_dropped", 0))
+        self.next_check = state.get("next_check")
         health = state.get("health")
         if health is not None:
             if self.health is None:  # shapes come with start(), which keeps this state

@@ -1,0 +1,134 @@
+"""``training_step`` re-run on the float64 twin: the loss a check differentiates.
+
+The twin is a copy of the LightningModule: its trainer reference is put back (a copy drops it),
+``log``/``log_dict`` are silenced (the logged metrics must not change), the methods that step
+optimizers refuse (such a step cannot be re-run: ``loss_fn=`` is needed), and SyncBatchNorm
+computes as plain BatchNorm (the check is of the local function).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from torch.nn import functional as F
+
+import torch
+from gradwatch.options import WatchConfig
+from gradwatch.torch.checker import TorchChecker
+from torch import nn
+
+__all__ = ["NotRerunnable", "Rerun", "SkipCheck", "prepare_twin"]
+
+
+class SkipCheck(Exception):
+    """``training_step`` returned ``None``: nothing to check this time."""
+
+
+class NotRerunnable(Exception):
+    """``training_step`` touches optimizers itself: it cannot be re-run on a copy."""
+
+
+def _refuse(name: str) -> Callable[..., Any]:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise NotRerunnable(
+            f"training_step calls self.{name}(), so it cannot be re-run on a copy; pass "
+            f"GradWatch(loss_fn=...) to check it"
+        )
+
+    return refuse
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _plain_batch_norm(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """SyncBatchNorm's forward as plain BatchNorm (the check is of the local function)."""
+    return F.batch_norm(
+        x,
+        self.running_mean,
+        self.running_var,
+        self.weight,
+        self.bias,
+        self.training or not self.track_running_stats,
+        self.momentum if self.momentum is not None else 0.0,
+        self.eps,
+    )
+
+
+def prepare_twin(trainer: Trainer, twin: nn.Module) -> None:
+    """Give the copy its trainer back, silence its logging, and make it a local function."""
+    if isinstance(twin, LightningModule):
+        twin.trainer = trainer
+        twin.log = _silent  # type: ignore[method-assign]
+        twin.log_dict = _silent  # type: ignore[method-assign]
+        twin.optimizers = _refuse("optimizers")  # type: ignore[method-assign]
+        twin.manual_backward = _refuse("manual_backward")  # type: ignore[method-assign]
+        twin.lr_schedulers = _refuse("lr_schedulers")  # type: ignore[method-assign]
+    for m in twin.modules():
+        if isinstance(m, nn.SyncBatchNorm):
+            m.forward = types.MethodType(_plain_batch_norm, m)  # type: ignore[method-assign]
+
+
+class Rerun:
+    """The checker of one fit: ``loss_fn(module, batch)``, or ``training_step`` on the twin.
+
+    Args:
+        trainer: The Trainer (the twin gets it back).
+        module: The LightningModule being trained.
+        config: The callback's configuration.
+        loss_fn: ``loss_fn(module, batch) -> loss``; ``None`` re-runs ``training_step``.
+    """
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        module: LightningModule,
+        config: WatchConfig,
+        loss_fn: Callable[[LightningModule, Any], Any] | None,
+    ) -> None:
+        self.trainer = trainer
+        self.module = module
+        self.config = config
+        self.loss_fn = loss_fn
+        self.batch_idx = 0
+        self._checker: TorchChecker | None = None
+
+    def checker(self) -> TorchChecker:
+        """The (cached) checker; its float64 twin is built on first use."""
+        if self._checker is None:
+            c = self.config
+            self._checker = TorchChecker(
+                self.module,
+                self.loss_fn if self.loss_fn is not None else self.training_step_loss,  # type: ignore[arg-type]
+                num_params=c.num_params,
+                mode=c.mode,
+                dtype=c.dtype,
+                eps=c.eps,
+                rtol=c.rtol,
+                seed=c.seed,
+                include=c.include,
+                exclude=c.exclude,
+                # Under DDP every rank must run the same forward passes (training_step may hold a
+                # collective), so no rank may switch paths on its own timing: the loop only.
+                vectorize=False if self.trainer.world_size > 1 else None,
+                prepare=lambda model, twin: prepare_twin(self.trainer, twin),
+            )
+        return self._checker
+
+    def training_step_loss(self, module: nn.Module, batch: Any) -> Any:
+        """The loss ``training_step`` returns on ``module`` (the twin)."""
+        try:
+            out = module.training_step(batch, self.batch_idx)  # type: ignore[operator]
+        except NotRerunnable as exc:
+            raise RuntimeError(str(exc)) from exc
+        if out is None:
+            raise SkipCheck
+        if isinstance(out, Mapping):
+            if "loss" not in out:
+                raise ValueError("training_step returned a dict without a 'loss' key")
+            out = out["loss"]
+        return out
