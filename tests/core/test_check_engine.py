@@ -126,7 +126,7 @@ def test_nonfinite_gradient_gives_a_nonfinite_event_not_a_crash():
 
 
 def test_float32_is_judged_in_aggregate_and_says_so(monkeypatch):
-    from gradwatch.core import check as check_mod
+    from gradwatch.core import verdict as check_mod
 
     monkeypatch.setattr(check_mod, "_LOW_PRECISION_WARNED", False)
     with pytest.warns(UserWarning, match="bugs smaller than about 40%"):
