@@ -1,0 +1,53 @@
+"""The torch private attributes behind gradwatch.torch._compat exist and mean what we read."""
+
+from __future__ import annotations
+
+import torch
+from gradwatch.torch import _compat
+from torch import nn
+
+
+def test_compiled_original_is_the_eager_module():
+    eager = nn.Linear(2, 2)
+    compiled = torch.compile(eager, backend="eager")
+    assert _compat.compiled_original(compiled) is eager
+    assert _compat.compiled_original(eager) is None
+
+
+def test_foreach_norm_is_the_l2_norm_of_each_tensor():
+    a, b = torch.tensor([3.0, 4.0]), torch.ones(2, 2)
+    got = [float(x) for x in _compat.foreach_norm([a, b])]
+    assert got == [5.0, 2.0]
+
+
+def test_module_slots_list_every_parameter_and_buffer_and_can_be_replaced():
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    params = [(type(m).__name__, k) for m, k, _ in _compat.module_parameter_slots(model)]
+    assert params == [
+        ("Linear", "weight"),
+        ("Linear", "bias"),
+        ("BatchNorm1d", "weight"),
+        ("BatchNorm1d", "bias"),
+    ]
+    buffers = {k for _, k, _ in _compat.module_buffer_slots(model)}
+    assert buffers == {"running_mean", "running_var", "num_batches_tracked"}
+    bn = model[1]
+    new = torch.full((3,), 7.0)
+    _compat.set_module_buffer(bn, "running_mean", new)
+    assert bn.running_mean is new and dict(bn.named_buffers())["running_mean"] is new
+
+
+def test_optimizer_unscales_itself_is_what_grad_scaler_reads():
+    import inspect
+
+    from torch.amp import grad_scaler
+
+    # GradScaler.step reads the same attribute to let a fused optimizer unscale itself.
+    assert "_step_supports_amp_scaling" in inspect.getsource(grad_scaler.GradScaler.step), (
+        "GradScaler no longer reads _step_supports_amp_scaling: update torch/_compat.py"
+    )
+    p = [nn.Parameter(torch.zeros(2))]
+    assert _compat.optimizer_unscales_itself(torch.optim.SGD(p, lr=0.1)) is False
+    fused = torch.optim.SGD(p, lr=0.1)
+    fused._step_supports_amp_scaling = True  # what fused=True sets (fused needs a GPU here)
+    assert _compat.optimizer_unscales_itself(fused) is True

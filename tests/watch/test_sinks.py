@@ -1,0 +1,107 @@
+"""Sinks: the protocol, each writer's records, and the round trip Watcher -> sink -> inspect.load."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from gradwatch import CheckReport, EntryResult, GradientEvent
+from gradwatch.inspect import load
+from gradwatch.options import WatchConfig
+from gradwatch.watch.sinks import JsonlSink, Sink, TensorBoardSink
+from gradwatch.watch.watcher import Watcher
+
+SHAPES = {"fc.weight": (4, 3), "fc.bias": (4,)}
+
+
+def _report(step: int) -> CheckReport:
+    results = (
+        EntryResult("fc.weight", (0, 1), 1.0, 0.9, 0.1, "mismatch"),
+        EntryResult("fc.bias", (2,), 0.5, 0.5, 1e-9, "ok"),
+    )
+    event = GradientEvent(step, "mismatch", "fc.weight", 0.1, 1e-3, "fc.weight is off by 10%")
+    return CheckReport(step, "fail", 0.1, results, (event,), "coordinate", "float64", 1e-3, 5, 0.01)
+
+
+def _run(sinks) -> Watcher:
+    """A short run: 8 steps of norms (a NaN at step 6), one failing check at step 2."""
+    w = Watcher(
+        WatchConfig.create(log_every_n_steps=2, on_mismatch="ignore", on_nonfinite="ignore"),
+        first_step=1,
+    )
+    w.open(sinks)
+    w.start(SHAPES)
+    for step in range(1, 9):
+        bias = float("nan") if step == 6 else 0.5
+        w.observe_norms(step, {"fc.weight": 1.0 + step, "fc.bias": bias})
+        if step == 2:
+            w.observe_report(_report(step), step, 0.01)
+    w.flush_health()
+    w.close()
+    return w
+
+
+def test_both_writers_are_sinks():
+    assert isinstance(JsonlSink("x.jsonl"), Sink)
+    assert isinstance(TensorBoardSink("x"), Sink)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "tensorboard"])
+def test_round_trip_through_each_sink_into_inspect(tmp_path, kind):
+    sink = JsonlSink(tmp_path / "gw.jsonl") if kind == "jsonl" else TensorBoardSink(tmp_path)
+    w = _run([sink])
+    (run,) = load(tmp_path)
+    # Norms on the logging steps (every 2nd), and step 6's because it has an event.
+    assert sorted(run.norms["fc.weight"]) == [2, 4, 6, 8]
+    assert run.norms["global"][4] == pytest.approx(math.hypot(5.0, 0.5))
+    assert math.isnan(run.norms["fc.bias"][6])
+    assert run.rel_errors["fc.weight"] == {2: pytest.approx(0.1)}  # TensorBoard keeps float32
+    assert run.rel_errors["max"] == {2: pytest.approx(0.1)}
+    assert [(e.step, e.kind, e.param) for e in run.events] == [
+        (e.step, e.kind, e.param) for e in w.events
+    ]
+    assert {(e.step, e.kind) for e in run.events} == {(2, "mismatch"), (6, "nonfinite")}
+    assert run.meta["shapes"] == {k: list(v) for k, v in SHAPES.items()}
+
+
+def test_only_the_writer_writes(tmp_path):
+    w = Watcher(WatchConfig.create(log_every_n_steps=1, jsonl_path=str(tmp_path / "gw.jsonl")))
+    w.open([], writer=False)
+    w.start(SHAPES)
+    w.observe_norms(0, {"fc.weight": float("nan"), "fc.bias": 1.0})
+    w.close()
+    assert not (tmp_path / "gw.jsonl").exists()
+    assert [e.kind for e in w.events] == ["nonfinite"]  # the record is kept all the same
+
+
+def test_log_every_zero_writes_only_the_norms_of_steps_with_events(tmp_path):
+    path = tmp_path / "gw.jsonl"
+    w = Watcher(WatchConfig.create(jsonl_path=str(path), on_nonfinite="ignore"))
+    w.open([], log_every=0)
+    w.start(SHAPES)
+    for step in range(5):
+        w.observe_norms(step, {"fc.weight": 1.0, "fc.bias": float("nan") if step == 3 else 1.0})
+    w.close()
+    norms = [json.loads(x) for x in path.read_text().splitlines() if '"norms"' in x]
+    assert [r["step"] for r in norms] == [3]
+
+
+def test_jsonl_records_are_json_with_non_finite_numbers_as_strings(tmp_path):
+    path = tmp_path / "gw.jsonl"
+    sink = JsonlSink(path)
+    sink.write_meta(0, {"shapes": {}})
+    sink.write_norms(1, {"w": float("inf")}, float("inf"))
+    sink.write_schedule(1, "next at 5")
+    sink.close()
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["type"] for r in records] == ["meta", "norms", "schedule"]
+    assert records[1]["values"] == {"w": "inf"} and records[1]["global"] == "inf"
+
+
+def test_tensorboard_sink_writes_nothing_until_the_first_record(tmp_path):
+    sink = TensorBoardSink(tmp_path / "tb")
+    sink.flush()
+    sink.close()
+    assert not (tmp_path / "tb").exists()
