@@ -262,7 +262,7 @@ def fit_shares(fit, callback, hooks, runs: int = 3) -> dict[str, float]:
 def bench_torch_norms(repeats: int) -> None:
     from lightning.pytorch.utilities import grad_norm
 
-    from gradwatch.lightning import GradWatch
+    from gradwatch.lightning.norms import GradNorms
 
     torch.manual_seed(0)
     model = MLP()
@@ -276,7 +276,7 @@ def bench_torch_norms(repeats: int) -> None:
         opt.step()
 
     def ours():
-        GradWatch._norms([(n, p.grad) for n, p in named])
+        GradNorms.norms([(n, p.grad) for n, p in named])
 
     def lightning_util():
         grad_norm(model, norm_type=2)
