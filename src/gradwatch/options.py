@@ -234,7 +234,15 @@ class WatchConfig:
             if not isinstance(getattr(c, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
         check_positive_int("norm_every_n_steps", c.norm_every_n_steps)
-        check_positive_int("log_every_n_steps", c.log_every_n_steps, allow_none=True)
+        if c.log_every_n_steps is not None and (
+            isinstance(c.log_every_n_steps, bool)
+            or not isinstance(c.log_every_n_steps, int)
+            or c.log_every_n_steps < 0
+        ):
+            raise ValueError(
+                "log_every_n_steps must be None (the framework's period), 0 (only steps with an "
+                f"event) or an integer >= 1, got {c.log_every_n_steps!r}"
+            )
         check_positive_float("vanish_threshold", c.vanish_threshold)
         check_positive_float("explode_threshold", c.explode_threshold)
         check_positive_int("patience", c.patience)

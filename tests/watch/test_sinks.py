@@ -105,3 +105,29 @@ def test_tensorboard_sink_writes_nothing_until_the_first_record(tmp_path):
     sink.flush()
     sink.close()
     assert not (tmp_path / "tb").exists()
+
+
+@pytest.mark.parametrize("first_step", [0, 1])
+def test_sparse_observation_and_logging_periods_never_miss_each_other(first_step):
+    w = Watcher(WatchConfig.create(norm_every_n_steps=10), first_step=first_step)
+    w.open([], log_every=50)
+    written = [s for s in range(first_step, first_step + 200) if w.observes(s) and w.writes(s)]
+    # one write per logging period: the first observed step at or after each multiple of 50
+    assert [w.count(s) for s in written] == [51, 101, 151]
+
+
+def test_log_every_zero_is_accepted_and_negative_is_not():
+    assert WatchConfig.create(log_every_n_steps=0).log_every_n_steps == 0
+    with pytest.raises(ValueError, match="log_every_n_steps must be None"):
+        WatchConfig.create(log_every_n_steps=-1)
+
+
+def test_histograms_are_not_computed_when_no_sink_takes_them(tmp_path):
+    w = Watcher(WatchConfig.create(log_every_n_steps=1))
+    w.open([JsonlSink(tmp_path / "gw.jsonl")])
+    calls = []
+    w.write_histograms(0, lambda: calls.append(1) or {})
+    assert calls == []
+    w.open([TensorBoardSink(tmp_path / "tb")])
+    w.write_histograms(0, lambda: calls.append(1) or {"w": [1.0, 2.0]})
+    assert calls == [1]

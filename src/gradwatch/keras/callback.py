@@ -21,7 +21,6 @@ from gradwatch.keras.backend import to_numpy
 from gradwatch.keras.checker import KerasChecker, check_probe_shapes, probe_batch
 from gradwatch.keras.taps import Taps
 from gradwatch.options import WatchConfig
-from gradwatch.report import CheckReport
 from gradwatch.watch.sinks import Sink, TensorBoardSink
 from gradwatch.watch.watcher import Watcher, WatchRecords
 
@@ -151,9 +150,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         )
         action = self._observe_norms(step) if self._taps.step_done(urgent) else Action()
         if self._taps.due_now:
-            report = self._check(step)
-            if report is not None:
-                self._last_error = report.max_rel_error
+            action = action.merged(self._check(step))
         self._watcher.record_step(train_seconds)
         self._fill_logs(logs)
         self._act(action)
@@ -195,12 +192,12 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         if action.halt:
             self.model.stop_training = True
 
-    def _check(self, step: int) -> CheckReport | None:
+    def _check(self, step: int) -> Action:
         w = self._watcher
         started = time.perf_counter()
         batch = self._probe if self._probe is not None else self._taps.take_stash()
         if batch is None:
-            return None
+            return Action()
         x, y, sw = keras.utils.unpack_x_y_sample_weight(
             tuple(batch) if isinstance(batch, list) else batch
         )
@@ -230,6 +227,6 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             )
         except Exception as exc:
             w.disable_checks(step, f"{type(exc).__name__}: {exc}")
-        action = w.observe_report(report, step, time.perf_counter() - started)
-        self._act(action)
-        return report
+        if report is not None:
+            self._last_error = report.max_rel_error
+        return w.observe_report(report, step, time.perf_counter() - started)

@@ -286,7 +286,14 @@ class GradWatch(WatchRecords, Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         w = self._watcher
-        w.load_state_dict(state_dict.get("watcher", {}))
-        # A checkpoint never overrides the constructor: checks stay off if they were switched off
-        # in that run, and stay off if this callback was built with enable_checks=False.
-        w.checks_on = self.config.enable_checks and bool(state_dict.get("checks_on", True))
+        state = dict(state_dict.get("watcher", {}))
+        for key in ("next_due", "consecutive_skips"):  # 0.1 kept these beside the watcher's state
+            state.setdefault(key, state_dict.get(key))
+        state = {k: v for k, v in state.items() if v is not None}
+        w.load_state_dict(state)
+        if self._rerun is not None and self._rerun.trainer.world_size <= 1:
+            w.agree_next_check(None)  # a plan agreed by ranks that are not there any more
+        # A checkpoint never overrides the constructor or setup: checks stay off if they were
+        # switched off in that run, if this callback was built with enable_checks=False, or if
+        # setup switched them off (sharded strategies).
+        w.checks_on = w.checks_on and bool(state_dict.get("checks_on", True))

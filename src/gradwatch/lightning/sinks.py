@@ -30,6 +30,11 @@ class LoggersSink:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
 
+    @property
+    def wants_histograms(self) -> bool:
+        """Only TensorBoard loggers take histograms."""
+        return bool(self._boards())
+
     def _boards(self) -> list[Any]:
         return [lg.experiment for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
 

@@ -36,7 +36,8 @@ class Sink(Protocol):
     """What the watcher writes through. Every method is called on the writing rank only.
 
     To add a sink, implement these eight methods (a no-op is fine where a record has no place)
-    and pass it to :meth:`Watcher.open <gradwatch.watch.watcher.Watcher.open>`.
+    and pass it to :meth:`Watcher.open <gradwatch.watch.watcher.Watcher.open>`. A sink may also
+    say ``wants_histograms = False``: the watcher then spares the host copies of the gradients.
     """
 
     def write_meta(self, step: int, meta: Mapping[str, Any]) -> None:
@@ -83,6 +84,8 @@ class JsonlSink:
         >>> open(path).read().count("\\n")
         1
     """
+
+    wants_histograms = False
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)

@@ -83,12 +83,12 @@ class Watcher:
         self.first_step = first_step
         self.sinks: list[Sink] = []
         self.writer = True
-        self.log_every = config.log_every_n_steps or 50
-        self._warned: set[str] = set()
+        self.log_every = 50 if config.log_every_n_steps is None else config.log_every_n_steps
         self.reset()
 
     def reset(self) -> None:
         """A fresh run: records, schedule, health rules and the check switch as constructed."""
+        self._warned: set[str] = set()
         self.schedule: Schedule = make_schedule(
             self.config.check_every_n_steps, self.config.max_overhead
         )
@@ -150,8 +150,17 @@ class Watcher:
         )
 
     def writes(self, step: int) -> bool:
-        """Whether this step's norms are written (every ``log_every`` steps, on the writer)."""
-        return self.writer and self.log_every > 0 and self.count(step) % self.log_every == 0
+        """Whether this step's norms are written (every ``log_every`` steps, on the writer).
+
+        With ``norm_every_n_steps = k > 1`` only every k-th step has norms; the one written is the
+        first observed step at or after each multiple of ``log_every`` (the window of the last k
+        steps holds the multiple), so the two periods never miss each other.
+        """
+        n = self.log_every
+        if not self.writer or n <= 0:
+            return False
+        count = self.count(step)
+        return count // n != max(0, count - self.config.norm_every_n_steps) // n
 
     def check_due(self, step: int) -> bool:
         """Whether a check runs at this step."""
@@ -267,7 +276,7 @@ class Watcher:
         self, step: int, values: Callable[[], Mapping[str, npt.ArrayLike]]
     ) -> None:
         """Gradient histograms at a writing step (``values`` is called only if something writes)."""
-        if self.writes(step) and self.sinks:
+        if self.writes(step) and any(getattr(s, "wants_histograms", True) for s in self.sinks):
             arrays = values()
             self._write(lambda sink: sink.write_histograms(step, arrays), step)
 
@@ -453,7 +462,7 @@ class Watcher:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.events_dropped = int(state.get("events_dropped", 0))
-        self.next_check = state.get("next_check")
+        self.next_check = state.get("next_check", state.get("next_due"))  # 0.1: next_due
         health = state.get("health")
         if health is not None:
             if self.health is None:  # shapes come with start(), which keeps this state
