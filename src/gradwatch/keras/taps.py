@@ -231,7 +231,7 @@ class Taps:
             return False
         self._since_read += 1
         if not urgent and self._finite is not None:
-            urgent = not bool(self._finite.numpy())
+            urgent = not bool(self._finite.value().numpy())
         return urgent or self._since_read >= self._read_every
 
     @property
