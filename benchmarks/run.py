@@ -24,10 +24,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 
 torch.set_num_threads(THREADS)
 
@@ -341,9 +340,8 @@ def lightning_fit(callbacks, steps: int) -> float:
 
 def keras_mlp():
     """The Keras MLP 784-256-256-10 with SGD, seeded; TensorFlow's threads pinned."""
-    import tensorflow as tf
-
     import keras
+    import tensorflow as tf
 
     with contextlib.suppress(RuntimeError):  # fixed once TensorFlow has started
         tf.config.threading.set_intra_op_parallelism_threads(THREADS)
@@ -402,9 +400,9 @@ def bench_lightning_fit(steps: int) -> None:
 
 
 def bench_keras(repeats: int, steps: int) -> None:
+    import keras
     import tensorflow as tf
 
-    import keras
     from gradwatch.keras import GradWatch
     from gradwatch.keras.checker import KerasChecker, _Problem
 

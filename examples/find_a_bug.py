@@ -10,8 +10,9 @@ Run: python examples/find_a_bug.py
 from __future__ import annotations
 
 import torch
-from gradwatch.torch import check_gradients
 from torch import nn
+
+from gradwatch.torch import check_gradients
 
 
 class BuggySwishFn(torch.autograd.Function):

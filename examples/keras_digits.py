@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 
+import keras
 import numpy as np
 from sklearn.datasets import load_digits
 
-import keras
 from gradwatch.keras import GradWatch
 
 

@@ -15,14 +15,14 @@ import argparse
 import logging
 import warnings
 
-from lightning.pytorch.loggers import TensorBoardLogger
-from sklearn.datasets import load_digits
-from torch.nn import functional as F
-
 import lightning as L
 import torch
-from gradwatch.lightning import GradWatch
+from lightning.pytorch.loggers import TensorBoardLogger
+from sklearn.datasets import load_digits
 from torch import nn
+from torch.nn import functional as F
+
+from gradwatch.lightning import GradWatch
 
 
 class ScaledTanhFn(torch.autograd.Function):

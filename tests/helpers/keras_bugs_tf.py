@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
-import keras
 from tests.helpers.keras_models import compiled
 
 

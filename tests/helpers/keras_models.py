@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 import keras
+import numpy as np
 
 
 def data(kind: str, seed: int = 0, n: int = 32):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from torch.nn import functional as F
-
 import lightning as L
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 def loader(n=256, d=12, classes=4, batch_size=32, seed=0, shuffle=False):

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from torch.nn import functional as F
-
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class MLP(nn.Module):

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-import torch
 from gradwatch.cli import main
 from gradwatch.inspect import load, to_json
 from gradwatch.lightning import GradWatch

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import warnings
 
+import lightning as L
 import pytest
+import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.nn import functional as F
 
-import lightning as L
-import torch
 from gradwatch import GradientCheckError, GradientHealthWarning
 from gradwatch.lightning import GradWatch
 from tests.helpers.lightning_models import (

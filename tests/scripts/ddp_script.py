@@ -14,10 +14,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
+from torch import nn
+
 from gradwatch import GradientCheckError
 from gradwatch.lightning import GradWatch
 from tests.helpers.lightning_models import Classifier, ScaledGradFn, loader, trainer
-from torch import nn
 
 
 class RankBug(nn.Module):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import keras
 import numpy as np
 
-import keras
 from gradwatch.keras import GradWatch, check_gradients
 from tests.helpers import keras_models as km
 

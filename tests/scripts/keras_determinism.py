@@ -6,10 +6,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import keras
 import numpy as np
 import tensorflow as tf
-
-import keras
 
 tf.config.experimental.enable_op_determinism()
 from gradwatch.keras import GradWatch  # noqa: E402

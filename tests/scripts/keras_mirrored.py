@@ -13,6 +13,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras  # noqa: E402
+
 from gradwatch.keras import GradWatch, check_gradients  # noqa: E402
 from tests.helpers import keras_models as km  # noqa: E402
 

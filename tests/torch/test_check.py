@@ -7,13 +7,13 @@ import threading
 
 import numpy as np
 import pytest
-
 import torch
+from torch import nn
+
 from gradwatch import GradientCheckError
 from gradwatch.torch import assert_gradients, check_gradients
 from gradwatch.torch.twin import cast_batch, clean_name
 from tests.helpers.torch_zoo import MLP, bugs, classify, make_batch, zoo
-from torch import nn
 
 SEEDS = range(4)
 

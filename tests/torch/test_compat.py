@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from gradwatch.torch import _compat
 from torch import nn
+
+from gradwatch.torch import _compat
 
 
 def test_compiled_original_is_the_eager_module():

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 from torch.nn import functional as F
 
 import gradwatch.torch.vmap as gwt
-import torch
 from gradwatch.torch import check_gradients
 from gradwatch.torch.checker import TorchChecker
 from tests.helpers.torch_zoo import CNN, MLP, RNN, classify, make_batch
 from tests.torch.test_check import _noisy_loss, _with_grads, assert_unchanged, snapshot
-from torch import nn
 
 
 @pytest.fixture

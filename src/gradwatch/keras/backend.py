@@ -6,9 +6,8 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
-
 import keras
+import numpy as np
 
 __all__ = ["floatx", "to_numpy", "torch_rng", "value_and_grad"]
 

@@ -13,9 +13,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import keras
 import numpy as np
 
-import keras
 from gradwatch.core.policy import Action
 from gradwatch.keras.backend import to_numpy
 from gradwatch.keras.checker import KerasChecker, check_probe_shapes, probe_batch

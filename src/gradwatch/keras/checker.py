@@ -13,10 +13,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import keras
 import numpy as np
 import numpy.typing as npt
 
-import keras
 from gradwatch import options as v
 from gradwatch.core.check import Perturbation, check_problem
 from gradwatch.errors import GradientCheckError

@@ -15,10 +15,10 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import keras
 import numpy as np
 import numpy.typing as npt
 
-import keras
 from gradwatch.keras import _compat
 from gradwatch.keras.backend import to_numpy
 from gradwatch.watch.watcher import HEALTH_BLOCK
@@ -160,6 +160,7 @@ class Taps:
 
     def _record_torch(self, grads: list[Any]) -> None:
         import torch
+
         from gradwatch.torch import _compat as torch_compat
 
         dense = [g for g in grads if g is not None]

@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
-import torch
 from gradwatch.core.policy import Action
 from gradwatch.lightning import _compat
 from gradwatch.lightning.distributed import agree_after_check

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
-
 import torch
-from gradwatch.torch import _compat
 from torch import nn
+
+from gradwatch.torch import _compat
 
 __all__ = ["GradNorms"]
 

@@ -12,13 +12,13 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
+from torch import nn
 from torch.nn import functional as F
 
-import torch
 from gradwatch.options import WatchConfig
 from gradwatch.torch.checker import TorchChecker
-from torch import nn
 
 __all__ = ["NotRerunnable", "Rerun", "SkipCheck", "prepare_twin"]
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
 import torch
-from gradwatch.core.check import Perturbation
 from torch import nn
+
+from gradwatch.core.check import Perturbation
 
 __all__ = ["Evaluator", "LossFn", "host_rng_preserved", "np_dtype"]
 

@@ -11,11 +11,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
-
 import torch
+from torch import nn
+
 from gradwatch import options as v
 from gradwatch.torch import _compat
-from torch import nn
 
 __all__ = ["Twin", "cast_batch", "clean_name", "named_trainable", "uncastable", "unwrap_module"]
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
 import torch
+from torch import nn
+
 from gradwatch.core.check import Perturbation
 from gradwatch.torch.evaluate import Evaluator, LossFn
-from torch import nn
 
 __all__ = ["BatchedEvaluator", "Batching"]
 
