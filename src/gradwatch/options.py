@@ -22,6 +22,7 @@ __all__ = [
     "check_dtype",
     "check_mode",
     "check_optional_bool",
+    "check_period",
     "check_positive_float",
     "check_positive_int",
     "check_seed",
@@ -47,6 +48,28 @@ def check_positive_int(argument: str, value: object, *, allow_none: bool = False
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         extra = " or None" if allow_none else ""
         raise ValueError(f"{argument} must be an integer >= 1{extra}, got {value!r}")
+    return value
+
+
+def check_period(
+    argument: str, value: object, *, minimum: int, none: str, zero: str | None = None
+) -> int | None:
+    """``None`` (meaning ``none``) or an integer ≥ ``minimum`` (``0`` meaning ``zero``).
+
+    Example:
+        >>> check_period("check_every_n_steps", 0, minimum=1, none="cost budget")
+        Traceback (most recent call last):
+        ...
+        ValueError: check_every_n_steps must be None (cost budget) or an integer >= 1, got 0
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        zero_text = f", 0 ({zero})" if zero is not None else ""
+        raise ValueError(
+            f"{argument} must be None ({none}){zero_text} or an integer >= {max(minimum, 1)}, "
+            f"got {value!r}"
+        )
     return value
 
 
@@ -218,15 +241,7 @@ class WatchConfig:
     def create(cls, **kwargs: Any) -> WatchConfig:
         """Validate every argument (``ValueError`` naming the argument) and build the config."""
         c = cls(**kwargs)
-        if c.check_every_n_steps is not None and (
-            isinstance(c.check_every_n_steps, bool)
-            or not isinstance(c.check_every_n_steps, int)
-            or c.check_every_n_steps < 1
-        ):
-            raise ValueError(
-                "check_every_n_steps must be None (cost budget) or an integer >= 1, "
-                f"got {c.check_every_n_steps!r}"
-            )
+        check_period("check_every_n_steps", c.check_every_n_steps, minimum=1, none="cost budget")
         check_positive_int("num_params", c.num_params)
         check_mode(c.mode)
         check_dtype(c.dtype)
@@ -234,15 +249,13 @@ class WatchConfig:
             if not isinstance(getattr(c, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
         check_positive_int("norm_every_n_steps", c.norm_every_n_steps)
-        if c.log_every_n_steps is not None and (
-            isinstance(c.log_every_n_steps, bool)
-            or not isinstance(c.log_every_n_steps, int)
-            or c.log_every_n_steps < 0
-        ):
-            raise ValueError(
-                "log_every_n_steps must be None (the framework's period), 0 (only steps with an "
-                f"event) or an integer >= 1, got {c.log_every_n_steps!r}"
-            )
+        check_period(
+            "log_every_n_steps",
+            c.log_every_n_steps,
+            minimum=0,
+            none="the framework's period",
+            zero="only steps with an event",
+        )
         check_positive_float("vanish_threshold", c.vanish_threshold)
         check_positive_float("explode_threshold", c.explode_threshold)
         check_positive_int("patience", c.patience)
@@ -279,6 +292,25 @@ class WatchConfig:
         if kwargs.get("jsonl_path") is not None:
             kwargs["jsonl_path"] = str(kwargs["jsonl_path"])
         return cls.create(**kwargs)
+
+    @property
+    def check_arguments(self) -> dict[str, Any]:
+        """The arguments every checker takes, as this config holds them.
+
+        Example:
+            >>> sorted(WatchConfig.create().check_arguments)
+            ['dtype', 'eps', 'exclude', 'include', 'mode', 'num_params', 'rtol', 'seed']
+        """
+        return {
+            "num_params": self.num_params,
+            "mode": self.mode,
+            "dtype": self.dtype,
+            "eps": self.eps,
+            "rtol": self.rtol,
+            "seed": self.seed,
+            "include": self.include,
+            "exclude": self.exclude,
+        }
 
     @property
     def policies(self) -> dict[str, Policy]:

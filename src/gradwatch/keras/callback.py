@@ -205,18 +205,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         try:
             model = self.model  # on JAX, Callback.model syncs the variables out of the jitted state
             if self._checker is None or self._checker.model is not model:
-                c = self.config
-                self._checker = KerasChecker(
-                    model,
-                    num_params=c.num_params,
-                    mode=c.mode,
-                    dtype=c.dtype,
-                    eps=c.eps,
-                    rtol=c.rtol,
-                    seed=c.seed,
-                    include=c.include,
-                    exclude=c.exclude,
-                )
+                self._checker = KerasChecker(model, **self.config.check_arguments)
             report = self._checker.check(
                 x,
                 y,

@@ -260,6 +260,7 @@ class Taps:
         order = np.argsort(seqs[fresh])
         seqs, values = seqs[fresh][order], values[fresh][order]
         self._seen_seq = int(seqs[-1])
+        values = values[:, : len(self.names)]
         if self._last_row_only:
             return [step], values[-1:]
-        return seqs.tolist(), values[:, : len(self.names)]
+        return seqs.tolist(), values

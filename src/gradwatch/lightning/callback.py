@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -187,7 +188,7 @@ class GradWatch(WatchRecords, Callback):
         norms = self._norms.norms(named, scale if scale > 0 else 1.0)
         if scaler is not None:
             # An overflow makes the GradScaler skip this update: routine under 16-mixed.
-            skipped = not all(x == x and abs(x) != float("inf") for x in norms.values())
+            skipped = not all(math.isfinite(x) for x in norms.values())
             self._act(
                 trainer, w.observe_skipped_step(step, skipped, scaler.get_scale(), "GradScaler")
             )

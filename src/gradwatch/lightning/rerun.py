@@ -100,18 +100,10 @@ class Rerun:
     def checker(self) -> TorchChecker:
         """The (cached) checker; its float64 twin is built on first use."""
         if self._checker is None:
-            c = self.config
             self._checker = TorchChecker(
                 self.module,
                 self.loss_fn if self.loss_fn is not None else self.training_step_loss,  # type: ignore[arg-type]
-                num_params=c.num_params,
-                mode=c.mode,
-                dtype=c.dtype,
-                eps=c.eps,
-                rtol=c.rtol,
-                seed=c.seed,
-                include=c.include,
-                exclude=c.exclude,
+                **self.config.check_arguments,
                 # Under DDP every rank must run the same forward passes (training_step may hold a
                 # collective), so no rank may switch paths on its own timing: the loop only.
                 vectorize=False if self.trainer.world_size > 1 else None,

@@ -251,7 +251,7 @@ class Watcher:
         """
         written = self.writes(step)
         if written:
-            self._write(lambda sink: sink.write_norms(step, norms, global_norm(norms)), step)
+            self._write_norms(step, norms)
         events = self._prepare(norms)
         events.extend(self._add_row(step, norms, written))
         return events, self._record(events)
@@ -269,8 +269,11 @@ class Watcher:
         return events, self._record(events)
 
     def _write_row(self, step: int, names: tuple[str, ...], row: npt.NDArray[np.float64]) -> None:
-        norms = dict(zip(names, row.tolist(), strict=True))
-        self._write(lambda sink: sink.write_norms(step, norms, global_norm(norms)), step)
+        self._write_norms(step, dict(zip(names, row.tolist(), strict=True)))
+
+    def _write_norms(self, step: int, norms: Mapping[str, float]) -> None:
+        total = global_norm(norms)  # once, whatever the number of sinks
+        self._write(lambda sink: sink.write_norms(step, norms, total), step)
 
     def write_histograms(
         self, step: int, values: Callable[[], Mapping[str, npt.ArrayLike]]
