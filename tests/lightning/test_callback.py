@@ -352,6 +352,7 @@ def test_gradscaler_skipped_steps_are_counted_not_reported():
         fit_loop=loop,
         precision_plugin=SimpleNamespace(scaler=scaler),
         global_rank=0,
+        world_size=1,
         loggers=[],
         should_stop=False,
     )
@@ -372,4 +373,4 @@ def test_gradscaler_skipped_steps_are_counted_not_reported():
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     cb.on_before_optimizer_step(trainer, model, opt)
-    assert cb._watcher.consecutive_skips == 0 and cb._pending
+    assert cb._watcher.consecutive_skips == 0 and cb._step_rows

@@ -21,13 +21,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
 from gradwatch.core.policy import Action
 from gradwatch.lightning import _compat
-from gradwatch.lightning.distributed import agree_after_check
+from gradwatch.lightning.distributed import agree_action, agree_after_check, agree_flag
 from gradwatch.lightning.norms import GradNorms
 from gradwatch.lightning.rerun import NotRerunnable, Rerun, SkipCheck
 from gradwatch.lightning.sinks import LoggersSink
@@ -36,7 +37,7 @@ from gradwatch.report import CheckReport
 from gradwatch.torch import _compat as torch_compat
 from gradwatch.torch.twin import clean_name, uncastable
 from gradwatch.watch import tags
-from gradwatch.watch.watcher import Watcher, WatchRecords, global_norm
+from gradwatch.watch.watcher import HEALTH_BLOCK, Watcher, WatchRecords
 
 __all__ = ["GradWatch"]
 
@@ -110,7 +111,19 @@ class GradWatch(WatchRecords, Callback):
         self._watcher = Watcher(self.config, first_step=0)
         self._norms = GradNorms([])
         self._rerun: Rerun | None = None
-        self._pending: dict[str, float] = {}
+        policies = self.config.policies
+        stops = ("halt", "raise")
+        # Judge every step's norms before the optimizer steps (one boolean host read per step)
+        # when a non-finite or exploding gradient must stop training before its update.
+        self._guard_explode = policies["on_explode"] in stops
+        self._guard = self._guard_explode or policies["on_nonfinite"] in stops
+        # Health actions that can stop training are agreed across ranks.
+        self._agree = any(policies[k] in stops for k in ("on_vanish", "on_explode", "on_nonfinite"))
+        self._limits: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+        self._step_rows: list[tuple[tuple[str, ...], torch.Tensor]] = []
+        self._rows: list[torch.Tensor] = []
+        self._row_steps: list[int] = []
+        self._row_names: tuple[str, ...] = ()
         self._stepped = False
         self._t_start = 0.0
         self._state_key: str | None = None
@@ -161,6 +174,8 @@ class GradWatch(WatchRecords, Callback):
             )
         params = [(clean_name(n), p) for n, p in pl_module.named_parameters() if p.requires_grad]
         self._norms = GradNorms(params)
+        self._limits.clear()
+        self._step_rows, self._rows, self._row_steps, self._row_names = [], [], [], ()
         w.start({n: tuple(p.shape) for n, p in params})
         self._rerun = Rerun(trainer, pl_module, self.config, self.loss_fn)
 
@@ -176,26 +191,82 @@ class GradWatch(WatchRecords, Callback):
         self._stepped = True
         w = self._watcher
         step = _compat.optimizer_step(trainer)
-        if not w.observes(step):
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        observed = w.observes(step)
+        if not (observed or self._guard or scaler is not None):
             return
         named = self._norms.grads(optimizer)
         if not named:
             return
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = 1.0
         if scaler is not None and torch_compat.optimizer_unscales_itself(optimizer):
-            scale = float(scaler.get_scale())  # fused optimizers unscale inside step()
-        norms = self._norms.norms(named, scale if scale > 0 else 1.0)
+            scale = float(scaler.get_scale()) or 1.0  # fused optimizers unscale inside step()
+        vector = self._norms.vector(named, scale)
+        if self._guard or scaler is not None:
+            # The one host read per step: are all norms finite and under the explode limit?
+            limit = self._limit(named, vector)
+            if not agree_flag(trainer, bool((vector <= limit).all())):
+                self._not_calm(trainer, step, optimizer, named, vector, scale, scaler)
+                return
+            if scaler is not None:
+                w.observe_skipped_step(step, False, 1.0, "GradScaler")
+        if observed:
+            self._step_rows.append((self._norms.names(named), vector))
+            w.write_histograms(step, lambda: self._norms.histograms(named))
+
+    def _limit(self, named: list[tuple[str, torch.Tensor]], vector: torch.Tensor) -> torch.Tensor:
+        """Each tensor's explode limit on the norms' device; ``inf`` and NaN always exceed it.
+
+        Without a stopping ``on_explode`` the limit is float32's largest value: only non-finite
+        norms (and float32 overflows, which :meth:`GradNorms.exact` resolves) are not calm.
+        """
+        names = self._norms.names(named)
+        key = (names, vector.device)
+        cached = self._limits.get(key)
+        if cached is None:
+            numels = self._watcher.numels
+            top = float(torch.finfo(torch.float32).max)
+            rms = self.config.explode_threshold if self._guard_explode else top
+            values = [min(top, math.sqrt(max(1, numels.get(n, 1))) * rms) for n in names]
+            cached = torch.tensor(values, dtype=torch.float32, device=vector.device)
+            self._limits[key] = cached
+        return cached
+
+    def _not_calm(
+        self,
+        trainer: Trainer,
+        step: int,
+        optimizer: torch.optim.Optimizer,
+        named: list[tuple[str, torch.Tensor]],
+        vector: torch.Tensor,
+        scale: float,
+        scaler: Any,
+    ) -> None:
+        """A step with a non-finite or exploding norm: judged now, before the optimizer steps."""
+        w = self._watcher
+        values = self._norms.exact(named, vector, scale)
         if scaler is not None:
             # An overflow makes the GradScaler skip this update: routine under 16-mixed.
-            skipped = not all(math.isfinite(x) for x in norms.values())
+            skipped = not all(math.isfinite(x) for x in values)
             self._act(
-                trainer, w.observe_skipped_step(step, skipped, scaler.get_scale(), "GradScaler")
+                trainer,
+                w.observe_skipped_step(
+                    step, skipped, float(scaler.get_scale()) if skipped else 1.0, "GradScaler"
+                ),
             )
             if skipped:
                 return
-        self._pending.update(norms)
-        w.write_histograms(step, lambda: self._norms.histograms(named))
+        self._act(trainer, self._read_rows(trainer))  # earlier steps first, in step order
+        norms = dict(zip(self._norms.names(named), values, strict=True))
+        _, action = w.observe_norms(step, norms)
+        action = agree_action(trainer, action) if self._agree else action
+        if action.halt or action.error is not None:
+            # Skip this update: an optimizer leaves a parameter whose .grad is None untouched
+            # (weights, momentum, step counts), so the model and any checkpoint stay finite.
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+        self._act(trainer, action)
 
     def on_train_batch_end(
         self,
@@ -210,15 +281,39 @@ class GradWatch(WatchRecords, Callback):
         train_seconds = time.perf_counter() - self._t_start
         w = self._watcher
         step = _compat.optimizer_step(trainer)
-        if self._pending:
-            norms, self._pending = self._pending, {}
-            _, action = w.observe_norms(step, norms)
+        if self._step_rows:
+            rows, self._step_rows = self._step_rows, []
+            names = tuple(n for row_names, _ in rows for n in row_names)
+            device = rows[0][1].device
+            vector = torch.cat([v.to(device) for _, v in rows]) if len(rows) > 1 else rows[0][1]
             metrics = _compat.callback_metrics(trainer)
-            metrics[tags.GLOBAL_NORM_TAG] = torch.tensor(global_norm(norms))
-            self._act(trainer, action)
+            metrics[tags.GLOBAL_NORM_TAG] = torch.linalg.vector_norm(vector)
+            self._queue_row(trainer, step, names, vector)
         if w.check_due(step):
             self._check(trainer, batch, batch_idx, step)
         w.record_step(train_seconds)
+
+    def _queue_row(
+        self, trainer: Trainer, step: int, names: tuple[str, ...], vector: torch.Tensor
+    ) -> None:
+        """Keep a step's norms on the device; read them with the rest of their block."""
+        if names != self._row_names:
+            self._act(trainer, self._read_rows(trainer))
+            self._row_names = names
+        self._rows.append(vector)
+        self._row_steps.append(step)
+        if len(self._rows) >= HEALTH_BLOCK:
+            self._act(trainer, self._read_rows(trainer))
+
+    def _read_rows(self, trainer: Trainer) -> Action:
+        """The waiting norm rows, read to the host at once and judged (one transfer per block)."""
+        if not self._rows:
+            return Action()
+        rows, self._rows = self._rows, []
+        steps, self._row_steps = self._row_steps, []
+        host = torch.stack(rows).cpu().numpy().astype(np.float64)
+        _, action = self._watcher.observe_norm_rows(steps, self._row_names, host)
+        return agree_action(trainer, action) if self._agree else action
 
     def _check(self, trainer: Trainer, batch: Any, batch_idx: int, step: int) -> None:
         w = self._watcher
@@ -271,9 +366,10 @@ class GradWatch(WatchRecords, Callback):
             trainer.should_stop = True
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        _, action = self._watcher.flush_health()  # the last, partly filled block
         try:
-            self._act(trainer, action)
+            action = self._read_rows(trainer)
+            _, last = self._watcher.flush_health()  # the last, partly filled block
+            self._act(trainer, action.merged(agree_action(trainer, last) if self._agree else last))
         finally:
             self._watcher.flush()
 

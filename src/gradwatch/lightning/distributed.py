@@ -4,8 +4,9 @@ Under DDP every rank checks its own batch at the same steps with the same coordi
 check the ranks exchange their events (each event once, with the number of ranks that saw it),
 whether any rank had to switch checks off, and rank zero's plan for the next check. On a single
 device the strategy's ``broadcast``/``reduce_boolean_decision`` return their input, so the same code
-runs everywhere. Health rules need no agreement: under DDP ``.grad`` is already averaged, so every
-rank sees the same norms and reaches the same events and actions.
+runs everywhere. Health rules see the same averaged ``.grad`` on every rank under DDP, but a halt or
+raise is still decided through the strategy (:func:`agree_flag`, :func:`agree_action`): a rank that
+stopped alone would leave the others blocked in their next collective.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from dataclasses import dataclass
 
 from lightning.pytorch import Trainer
 
+from gradwatch.core.policy import Action
+from gradwatch.errors import GradientCheckError
 from gradwatch.report import GradientEvent
 from gradwatch.watch.watcher import merge_rank_events
 
-__all__ = ["Agreement", "agree_after_check"]
+__all__ = ["Agreement", "agree_action", "agree_after_check", "agree_flag"]
 
 
 @dataclass(frozen=True)
@@ -48,3 +51,32 @@ def agree_after_check(
     any_disable = strategy.reduce_boolean_decision(disable, all=False)
     next_check = strategy.broadcast(plan, src=0)
     return Agreement(merge_rank_events(per_rank), bool(any_disable), next_check)
+
+
+def agree_flag(trainer: Trainer, flag: bool) -> bool:
+    """``True`` on every rank when ``flag`` holds on every rank (a collective under DDP).
+
+    Example: the per-step "gradients are calm" test, so that every rank skips the same update.
+    """
+    if trainer.world_size <= 1:
+        return flag
+    return bool(trainer.strategy.reduce_boolean_decision(flag, all=True))
+
+
+def agree_action(trainer: Trainer, action: Action) -> Action:
+    """Halt if any rank halts, raise on every rank if any rank raises (a collective under DDP).
+
+    Every rank must call it at the same step: callers do so where health observations are judged
+    (fixed steps) and only when a health policy can halt or raise.
+    """
+    if trainer.world_size <= 1:
+        return action
+    strategy = trainer.strategy
+    halt = bool(strategy.reduce_boolean_decision(action.halt, all=False))
+    raises = bool(strategy.reduce_boolean_decision(action.error is not None, all=False))
+    error = action.error
+    if raises and error is None:
+        error = GradientCheckError(
+            "GradWatch: another rank raised on a gradient-health event (its error names it)"
+        )
+    return Action(halt=halt, error=error)

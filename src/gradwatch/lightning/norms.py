@@ -1,7 +1,8 @@
-"""Per-tensor gradient norms of the parameters an optimizer steps: one fused reduction, one read."""
+"""Per-tensor gradient norms of the parameters an optimizer steps: one fused reduction, on the device."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,30 +42,62 @@ class GradNorms:
         return [(n, p.grad) for n, p in self.owned(optimizer) if p.grad is not None]
 
     @staticmethod
-    def norms(named: Sequence[tuple[str, torch.Tensor]], scale: float = 1.0) -> dict[str, float]:
-        """L2 norm of every gradient divided by ``scale``: one fused reduction per device/dtype,
-        squares accumulated in float32 or wider, one host transfer."""
-        dense = [(n, g) for n, g in named if not g.is_sparse]
-        sparse = [(n, g) for n, g in named if g.is_sparse]
+    def names(named: Sequence[tuple[str, torch.Tensor]]) -> tuple[str, ...]:
+        """The order of :meth:`vector`'s entries: dense gradients first, then sparse ones."""
+        return tuple(n for n, g in named if not g.is_sparse) + tuple(
+            n for n, g in named if g.is_sparse
+        )
+
+    @staticmethod
+    def vector(named: Sequence[tuple[str, torch.Tensor]], scale: float = 1.0) -> torch.Tensor:
+        """L2 norm of every gradient divided by ``scale``, in :meth:`names` order, on the device.
+
+        One fused reduction per device/dtype, squares accumulated in float32 or wider; nothing is
+        read to the host. A float32 norm above ~1.8e19 overflows to ``inf``: :meth:`exact` tells
+        such norms from non-finite gradients.
+        """
+        dense = [g for _, g in named if not g.is_sparse]
         values: list[torch.Tensor] = []
         if dense:
-            values.extend(_compat.foreach_norm([g for _, g in dense]))
-        for _, g in sparse:
-            values.append(torch.linalg.vector_norm(g.coalesce().values()))
-        if not values:
-            return {}
+            values.extend(_compat.foreach_norm(dense))
+        values.extend(
+            torch.linalg.vector_norm(g.coalesce().values()) for _, g in named if g.is_sparse
+        )
         try:
             stacked = torch.stack(values)  # promotes mixed dtypes
         except RuntimeError:  # tensors on several devices
             first = values[0]
             stacked = torch.stack([x.to(device=first.device, dtype=torch.float32) for x in values])
-        if stacked.dtype != torch.float32 or stacked.device.type != "cpu":
-            stacked = stacked.float().cpu()
-        host = stacked.tolist()
-        if scale != 1.0:
-            host = [x / scale for x in host]
-        names = [n for n, _ in dense] + [n for n, _ in sparse]
-        return dict(zip(names, host, strict=True))
+        if stacked.dtype != torch.float32:
+            stacked = stacked.float()
+        return stacked / scale if scale != 1.0 else stacked
+
+    @staticmethod
+    def exact(
+        named: Sequence[tuple[str, torch.Tensor]], vector: torch.Tensor, scale: float = 1.0
+    ) -> list[float]:
+        """:meth:`vector` read to the host, its ``inf`` entries recomputed in float64.
+
+        A finite gradient whose float32 norm overflowed gets its true (finite) norm; a gradient
+        holding NaN or inf keeps its non-finite norm. Only called on a step whose norms are not
+        calm, so the float64 pass costs nothing on healthy steps.
+        """
+        host: list[float] = vector.tolist()
+        order = [g for _, g in named if not g.is_sparse] + [g for _, g in named if g.is_sparse]
+        for i, value in enumerate(host):
+            if value == math.inf:
+                g = order[i]
+                values = g.coalesce().values() if g.is_sparse else g
+                host[i] = float(torch.linalg.vector_norm(values.detach().double())) / scale
+        return host
+
+    @staticmethod
+    def norms(named: Sequence[tuple[str, torch.Tensor]], scale: float = 1.0) -> dict[str, float]:
+        """Every gradient's L2 norm divided by ``scale``, read to the host (exact, see :meth:`exact`)."""
+        if not named:
+            return {}
+        vector = GradNorms.vector(named, scale)
+        return dict(zip(GradNorms.names(named), GradNorms.exact(named, vector, scale), strict=True))
 
     @staticmethod
     def histograms(named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, npt.NDArray[np.float32]]:

@@ -1,0 +1,165 @@
+"""A halt (or raise) on non-finite or exploding gradients acts before that step's update.
+
+Real ``Trainer.fit`` runs: the weights, the optimizer state and every checkpoint written after the
+halt stay finite; norms are read to the host once per block, plus one boolean per step when a
+policy can stop training.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.nn import functional as F
+
+from gradwatch import GradientCheckError
+from gradwatch.lightning import GradWatch
+from gradwatch.lightning.norms import GradNorms
+from gradwatch.watch.watcher import HEALTH_BLOCK
+from tests.helpers.lightning_models import Classifier, loader, trainer
+from tests.helpers.torch_zoo import MLP
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning:lightning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::gradwatch.GradientHealthWarning"),
+]
+
+BAD_BATCH = 3
+
+
+class Standardised(Classifier):
+    """Per-batch standardisation, as tutorials write it: a zero-variance batch divides 0 by 0."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = (x - x.mean(0)) / x.std(0)
+        return F.cross_entropy(self.net(x), y)
+
+
+def constant_batch_loader(bad=BAD_BATCH, batch_size=16, n=128):
+    data = loader(n=n, batch_size=batch_size)
+    xs, ys = [], []
+    for i, (x, y) in enumerate(data):
+        xs.append(x[:1].expand_as(x).clone() if i == bad else x)  # every row the same
+        ys.append(y)
+    ds = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size)
+
+
+def finite(tensors):
+    return all(bool(torch.isfinite(t).all()) for t in tensors if torch.is_tensor(t))
+
+
+def optimizer_tensors(opt):
+    return [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+
+
+def test_the_planted_batch_really_makes_the_weights_nan_without_gradwatch():
+    module = Standardised(MLP(), optimizer="adam", lr=0.01)
+    trainer(max_epochs=1).fit(module, constant_batch_loader())
+    assert not finite(module.parameters())
+
+
+def test_halt_skips_the_nonfinite_update_and_the_last_checkpoint_stays_finite(tmp_path):
+    module = Standardised(MLP(), optimizer="adam", lr=0.01)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
+    cb = GradWatch(enable_checks=False)  # on_nonfinite="halt" by default
+    t = trainer(callbacks=[cb, ckpt], enable_checkpointing=True, max_epochs=3)
+    t.fit(module, constant_batch_loader())
+    assert [(e.kind, e.step) for e in cb.events] == [("nonfinite", BAD_BATCH)]
+    assert t.global_step == BAD_BATCH + 1  # the step ran; its update did not
+    assert finite(module.parameters()) and finite(optimizer_tensors(t.optimizers[0]))
+    last = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert last["global_step"] == BAD_BATCH + 1
+    assert finite(last["state_dict"].values())
+    assert finite(v for s in last["optimizer_states"][0]["state"].values() for v in s.values())
+
+
+def test_raise_leaves_the_weights_as_before_the_bad_step():
+    module = Standardised(MLP(), optimizer="sgd", lr=0.05)
+    cb = GradWatch(enable_checks=False, on_nonfinite="raise")
+    t = trainer(callbacks=[cb], max_epochs=1)
+    with pytest.raises(GradientCheckError, match=r"nonfinite|NaN"):
+        t.fit(module, constant_batch_loader())
+    assert finite(module.parameters())
+    assert finite(optimizer_tensors(t.optimizers[0]))
+
+
+def test_explode_halt_skips_the_exploding_update():
+    class Blowup(Classifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * 1e8 if self.global_step == 2 else loss
+
+    module = Blowup(MLP(), lr=0.05)
+    cb = GradWatch(enable_checks=False, on_explode="halt")
+    t = trainer(callbacks=[cb], max_epochs=2)
+    t.fit(module, loader(batch_size=16))
+    assert [(e.kind, e.step) for e in cb.events][:1] == [("exploding", 2)]
+    assert t.global_step == 3
+    # The update of step 2 (gradients ~1e8) was skipped: the weights are still of order one.
+    assert max(float(p.detach().abs().max()) for p in module.parameters()) < 10
+
+
+def test_a_finite_gradient_whose_float32_norm_overflows_is_exploding_not_nonfinite():
+    grad = torch.full((1000,), 1e22)  # float32 squares overflow; the norm is 3.2e23
+    named = [("w", grad)]
+    assert not math.isfinite(float(torch.linalg.vector_norm(grad)))
+    assert GradNorms.norms(named)["w"] == pytest.approx(1e22 * math.sqrt(1000), rel=1e-6)
+    assert math.isnan(GradNorms.norms([("w", torch.tensor([1.0, float("nan")]))])["w"])
+    assert GradNorms.norms([("w", torch.tensor([1.0, float("inf")]))])["w"] == math.inf
+
+    class Huge(Classifier):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * 1e25
+
+    cb = GradWatch(enable_checks=False, on_explode="halt")
+    trainer(callbacks=[cb], max_steps=1).fit(Huge(MLP(), lr=0.0), loader())
+    kinds = {e.kind for e in cb.events}
+    assert kinds == {"exploding"}, [e.message for e in cb.events]
+    assert all(math.isfinite(e.value) for e in cb.events)
+
+
+SCALAR_READS = ("__bool__", "item", "__float__")
+ARRAY_READS = ("numpy", "tolist")
+
+
+def count_host_reads(monkeypatch):
+    """Count the tensor-to-host reads made from gradwatch's own code."""
+    counts: Counter[str] = Counter()
+    for name in SCALAR_READS + ARRAY_READS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapped(self, *args, _name=name, _original=original, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("gradwatch."):
+                counts[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("policy", "per_step"), [("halt", 1), ("warn", 0)], ids=["halt-guard", "warn-no-guard"]
+)
+def test_norms_are_read_once_per_block_plus_one_boolean_per_step_when_halting(
+    monkeypatch, policy, per_step
+):
+    steps = 2 * HEALTH_BLOCK
+    cb = GradWatch(enable_checks=False, on_nonfinite=policy, log_every_n_steps=0)
+    counts = count_host_reads(monkeypatch)
+    trainer(callbacks=[cb], max_steps=steps).fit(
+        Classifier(MLP()), loader(n=steps * 8, batch_size=8)
+    )
+    monkeypatch.undo()
+    scalar = sum(counts[n] for n in SCALAR_READS)
+    arrays = sum(counts[n] for n in ARRAY_READS)
+    assert scalar == per_step * steps, counts
+    assert arrays == steps // HEALTH_BLOCK, counts
+    assert cb.events == []
