@@ -17,6 +17,7 @@ tf = pytest.importorskip("tensorflow")
 from gradwatch import GradientCheckError, GradientHealthWarning  # noqa: E402
 from gradwatch.keras import GradWatch, assert_gradients, check_gradients  # noqa: E402
 from gradwatch.keras.checker import KerasChecker  # noqa: E402
+from gradwatch.watch.watcher import HEALTH_BLOCK  # noqa: E402
 from tests.helpers import keras_models as km  # noqa: E402
 from tests.helpers.keras_bugs_tf import buggy  # noqa: E402
 
@@ -377,7 +378,7 @@ def test_norms_read_in_blocks_are_every_steps_own_norms(tmp_path):
             v.assign(v - 0.1 * g)
 
 
-def test_nonfinite_loss_is_judged_and_halts_on_its_own_step():
+def test_nonfinite_gradients_skip_their_update_in_graph_and_halt_within_a_block():
     keras.utils.set_random_seed(0)
     model = km.mlp()
     x, y = km.data("mlp", n=16 * 40)
@@ -385,10 +386,26 @@ def test_nonfinite_loss_is_judged_and_halts_on_its_own_step():
     cb = GradWatch(enable_checks=False)
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
     assert [(e.kind, e.step) for e in cb.events] == [("nonfinite", 6)]
-    assert int(model.optimizer.iterations) == 6  # halted right after that step
+    # The 6th update was skipped inside the graph; the healthy steps after it went on until the
+    # host read the block (no per-step read on TensorFlow), then fit halted.
+    assert all(np.isfinite(v.numpy()).all() for v in model.variables)
+    assert all(np.isfinite(v.numpy()).all() for v in model.optimizer.variables)
+    assert int(model.optimizer.iterations) == HEALTH_BLOCK - 1  # 16 steps, one update skipped
 
 
-def test_steps_per_execution_gives_one_norm_record_per_callback_call(tmp_path):
+def test_warn_policy_applies_the_nonfinite_update_as_keras_would():
+    keras.utils.set_random_seed(0)
+    model = km.mlp()
+    x, y = km.data("mlp", n=16 * 8)
+    x[16 * 2 : 16 * 3] = np.nan
+    cb = GradWatch(enable_checks=False, on_nonfinite="warn")
+    with pytest.warns(GradientHealthWarning):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    assert int(model.optimizer.iterations) == 8
+    assert not all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)
+
+
+def test_steps_per_execution_labels_every_step_with_the_optimizer_iterations(tmp_path):
     keras.utils.set_random_seed(0)
     model = km.mlp()
     model.compile(optimizer="adam", loss=model.loss, steps_per_execution=4)
@@ -397,4 +414,5 @@ def test_steps_per_execution_gives_one_norm_record_per_callback_call(tmp_path):
     cb = GradWatch(enable_checks=False, log_every_n_steps=1, jsonl_path=str(path))
     model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
     steps = [r["step"] for r in _norm_lines(path)]
-    assert steps == [1, 2, 3]  # one per execution, numbered by callback call (docs/keras.md)
+    assert steps == list(range(1, 13))  # every step's own norms, as optimizer.iterations counts
+    assert int(model.optimizer.iterations) == 12

@@ -8,7 +8,6 @@ file.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -82,6 +81,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self._checker: KerasChecker | None = None
         self._probe: tuple[Any, Any, Any] | None = None
         self._step = 0
+        self._epoch_base = 0
         self._t_start = 0.0
         self._last_norm: float | None = None
         self._last_error: float | None = None
@@ -123,9 +123,17 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
                 f"GradWatch: per-step gradient norms are not available on the {backend} backend "
                 f"yet; checks go on",
             )
+        policies = self.config.policies
+        stops = ("halt", "raise")
         self._taps.install(
-            model, self._step, norms=norms, capture=w.checks_on and self._probe is None
+            model,
+            self._step,
+            norms=norms,
+            capture=w.checks_on and self._probe is None,
+            guard=policies["on_nonfinite"] in stops or policies["on_explode"] in stops,
+            explode=self.config.explode_threshold if policies["on_explode"] in stops else None,
         )
+        self._epoch_base = self._step
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         action = self._catch_up(final=True)
@@ -136,19 +144,20 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             self._watcher.flush()
 
     # -- per step ------------------------------------------------------------------------------
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch_base = self._step
+
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._t_start = time.perf_counter()
         self._taps.set_due(self._watcher.check_due(self._step + 1))
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         train_seconds = time.perf_counter() - self._t_start
-        self._step += 1
-        step = self._step  # optimizer.iterations after the update, as keras.callbacks.TensorBoard
-        # A non-finite loss in the logs (already on the host) means: read and judge now.
-        urgent = logs is not None and any(
-            isinstance(x, float) and not math.isfinite(x) for x in logs.values()
-        )
-        action = self._observe_norms(step) if self._taps.step_done(urgent) else Action()
+        # The train-step count after this call (optimizer.iterations when no update was skipped):
+        # under steps_per_execution Keras calls back once per execution with its last step.
+        self._step = max(self._step + 1, self._epoch_base + batch + 1)
+        step = self._step
+        action = self._observe_norms() if self._taps.step_done() else Action()
         if self._taps.due_now:
             action = action.merged(self._check(step))
         self._watcher.record_step(train_seconds)
@@ -168,14 +177,16 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
 
     def _catch_up(self, *, final: bool) -> Action:
         """Judge the norm rows not yet read (and, when ``final``, the last partial block)."""
-        action = self._observe_norms(self._step) if self._taps.unread else Action()
+        action = self._observe_norms() if self._taps.unread else Action()
         if final:
             action = action.merged(self._watcher.flush_health()[1])
         return action
 
-    def _observe_norms(self, step: int) -> Action:
-        steps, values = self._taps.drain(step)
+    def _observe_norms(self) -> Action:
+        steps, values = self._taps.drain()
         w = self._watcher
+        if self._taps.shapes and set(self._taps.shapes) != set(w.shapes):
+            w.start(self._taps.shapes)  # a model built during fit: its variables exist now
         keep = [i for i, s in enumerate(steps) if w.observes(s)]
         if not keep or not self._taps.names:
             return Action()
@@ -197,7 +208,21 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         started = time.perf_counter()
         batch = self._probe if self._probe is not None else self._taps.take_stash()
         if batch is None:
+            if self._taps.no_capture:
+                w.warn_once(
+                    "no-capture",
+                    f"GradWatch: under jit_compile=True the training batch cannot be kept for a "
+                    f"check ({self._taps.no_capture}); checks are skipped: pass data=(x, y) probe "
+                    f"data, or compile with jit_compile=False",
+                )
             return Action()
+        if self._taps.capped:
+            kept, total = self._taps.capped
+            w.warn_once(
+                "capped",
+                f"GradWatch: under jit_compile=True checks use the first {kept} rows of batches "
+                f"of {total} (the XLA-safe batch capture holds {kept} rows)",
+            )
         x, y, sw = keras.utils.unpack_x_y_sample_weight(
             tuple(batch) if isinstance(batch, list) else batch
         )

@@ -1,18 +1,31 @@
-"""What gradwatch adds to Keras' train function: per-step norms and the live-batch capture.
+"""What gradwatch adds to Keras' train function: per-step norms, the update guard, the capture.
 
 Norms are computed inside the train step from the gradients the optimizer receives (its ``apply``
 is wrapped: every train step, the default one or a user's own, hands its gradients to the
 optimizer), stored on the device in a ring of :data:`~gradwatch.watch.watcher.HEALTH_BLOCK` rows
-(each with its sequence number) and read once per block — at once when the step's gradients are
-not finite (an in-graph flag read every step: oneDNN's ReLU maps NaN to 0, so a finite loss is no
-proxy). The capture keeps the batch of a step a check is due on (TensorFlow: a ``tf.py_function``
-inside ``tf.cond``). Installed at ``on_train_begin``, removed at ``on_train_end`` (the train
-function is rebuilt both times).
+(each with its sequence number, the 1-based train-step count) and read once per block.
+
+**Guard**: when ``on_nonfinite`` (or ``on_explode``) halts or raises, the update of a step whose
+gradients are non-finite (or above the explode limit) is skipped, as Keras' ``LossScaleOptimizer``
+skips one: on TensorFlow inside the graph (``tf.cond``, XLA-safe, no host read — the host halts
+when it reads the block); on the torch backend with one boolean host read per step. Gradients are
+judged from their norms, never from the loss (oneDNN's ReLU maps NaN to 0, so a finite loss is no
+proxy); a float32 sum of squares that overflows is recomputed in float64 inside the graph.
+
+**Capture** keeps the batch of a step a check is due on: a ``tf.py_function`` inside ``tf.cond``;
+under ``jit_compile=True`` (XLA cannot compile a ``py_function``) zero-padded variables of
+:data:`CAPACITY` rows per input leaf plus a row count.
+
+Installed at ``on_train_begin``, removed at ``on_train_end`` (the train function is rebuilt both
+times). A ``fit`` interrupted before ``on_train_end`` (another callback raising, Ctrl-C) leaves a
+sentinel on ``make_train_function``: the next ``fit`` of that model, with or without gradwatch,
+removes every wrapper and rebuilds its train function first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import keras
@@ -23,7 +36,42 @@ from gradwatch.keras import _compat
 from gradwatch.keras.backend import to_numpy
 from gradwatch.watch.watcher import HEALTH_BLOCK
 
-__all__ = ["Taps"]
+__all__ = ["CAPACITY", "Taps", "repair"]
+
+#: Rows of a batch the XLA-safe capture keeps (a larger batch is checked on its first rows).
+CAPACITY = 64
+#: Marks every attribute gradwatch sets on a model or optimizer.
+_MARK = "_gradwatch_wrapper"
+
+
+def _mark(fn: Any) -> Any:
+    setattr(fn, _MARK, True)
+    return fn
+
+
+def repair(model: Any) -> bool:
+    """Remove every gradwatch wrapper left on ``model`` and its optimizer; rebuild if any was.
+
+    Example:
+        >>> repair(object())
+        False
+    """
+    found = False
+    opt = getattr(model, "optimizer", None)
+    owners = [model, opt, getattr(opt, "inner_optimizer", None)]
+    for obj in owners:
+        attrs = getattr(obj, "__dict__", {})
+        for name in [k for k, v in attrs.items() if getattr(v, _MARK, False)]:
+            delattr(obj, name)
+            found = True
+    if found:
+        model.train_function = None
+    return found
+
+
+def _jit(model: Any) -> bool:
+    """Whether the model's train function is compiled with XLA (``jit_compile`` resolved)."""
+    return not getattr(model, "run_eagerly", False) and bool(getattr(model, "jit_compile", False))
 
 
 class Taps:
@@ -31,30 +79,66 @@ class Taps:
 
     def __init__(self) -> None:
         self.names: list[str] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}
         self.stash: Any = None
         self.due_now = False
+        self.urgent = False  # torch backend: this step's update was skipped by the guard
+        self.capped: tuple[int, int] | None = None  # (rows kept, batch rows) of a trimmed capture
+        self.no_capture: str | None = None  # why the XLA-safe capture could not be built
         self._ring: Any = None  # TF: a (HEALTH_BLOCK, n + 1) ring of [norms..., seq]
         self._seq: Any = None  # TF: the in-graph sequence number of the last stored row
-        self._finite: Any = None  # TF: whether the last stored row is finite
         self._torch_rows: list[tuple[int, Any]] = []  # torch: (seq, norm vector) since last read
         self._seen_seq = 0
+        self._start_seq = 0
         self._since_read = 0
         self._read_every = HEALTH_BLOCK
-        self._last_row_only = False
         self._due_var: Any = None
+        self._skipped: Any = None  # TF: whether the guard skipped this step's update
+        self._slots: list[Any] = []  # XLA capture: one padded variable per input leaf
+        self._rows_var: Any = None
+        self._structure: Any = None
         self._installed: list[tuple[Any, str]] = []
+        self._guard = False
+        self._explode: float | None = None
+        self._jit = False
+        self._spe = 1
         self.norms_on = False
 
     # -- installation --------------------------------------------------------------------------
-    def install(self, model: Any, step: int, *, norms: bool, capture: bool) -> None:
-        """Wrap the optimizer's ``apply`` (norms) and ``train_step`` (capture); rebuild the step."""
+    def install(
+        self,
+        model: Any,
+        step: int,
+        *,
+        norms: bool,
+        capture: bool,
+        guard: bool = False,
+        explode: float | None = None,
+    ) -> None:
+        """Wrap the optimizer's ``apply`` (norms, guard) and ``train_step`` (capture); rebuild.
+
+        Args:
+            model: The compiled model.
+            step: ``optimizer.iterations`` before the first step.
+            norms: Record per-step gradient norms.
+            capture: Keep the batch of steps a check is due on.
+            guard: Skip the update of a step whose gradients are not finite (or exceed
+                ``explode``).
+            explode: Gradient RMS above which the guard also skips (``None``: finiteness only).
+        """
         self.uninstall(model, rebuild=False)
-        self.stash, self.due_now = None, False
+        repair(model)  # wrappers an interrupted fit left behind
+        self.stash, self.due_now, self.urgent, self.capped = None, False, False, None
+        self.no_capture = None
+        self._guard, self._explode = guard and norms, explode
+        self._jit = keras.backend.backend() == "tensorflow" and _jit(model)
+        self._spe = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         if norms:
             self._install_norms(model, step)
-        if capture:
-            self._install_capture(model)
+        if capture or (self._guard and keras.backend.backend() == "tensorflow"):
+            self._install_train_step(model, capture)
         if self._installed:
+            self._install_sentinel(model)
             model.make_train_function(force=True)
 
     def uninstall(self, model: Any, *, rebuild: bool = True) -> None:
@@ -65,37 +149,48 @@ class Taps:
             with contextlib.suppress(AttributeError):
                 delattr(obj, name)
         self._installed = []
-        self._ring = self._seq = self._finite = self._due_var = None
+        self._ring = self._seq = self._due_var = self._rows_var = self._skipped = None
+        self._slots = []
         self.norms_on = False
         if rebuild:
             model.train_function = None
             if hasattr(model, "make_train_function"):
                 model.make_train_function(force=True)
 
+    def _install_sentinel(self, model: Any) -> None:
+        """``make_train_function`` without ``force`` is how every ``fit`` starts: if gradwatch's
+        wrappers are still there, the ``fit`` that installed them was interrupted."""
+        original = model.make_train_function
+        taps = self
+
+        def make_train_function(force: bool = False) -> Any:
+            if not force and taps._installed:
+                taps.uninstall(model, rebuild=False)
+                repair(model)
+                return model.make_train_function(force=True)
+            return original(force=force)
+
+        model.make_train_function = _mark(make_train_function)
+        self._installed.append((model, "make_train_function"))
+
     def _install_norms(self, model: Any, step: int) -> None:
         opt = model.optimizer
         inner = getattr(opt, "inner_optimizer", None) or opt  # LossScaleOptimizer: unscaled grads
         original = inner.apply
-        n = len(model.trainable_variables)
-        spe = int(getattr(model, "steps_per_execution", 1) or 1)
-        self._last_row_only = spe > 1  # one callback call per execution: its last step
-        self._read_every = 1 if spe > 1 else HEALTH_BLOCK
-        self._seen_seq = step
+        self._read_every = max(1, HEALTH_BLOCK // self._spe)
+        self._seen_seq = self._start_seq = step
         self._since_read = 0
         self._torch_rows = []
-        if keras.backend.backend() == "tensorflow":
+        tensorflow = keras.backend.backend() == "tensorflow"
+        if tensorflow:
             import tensorflow as tf
 
             with tf.init_scope():
-                self._ring = tf.Variable(
-                    tf.zeros([HEALTH_BLOCK, n + 1], tf.float64),
-                    trainable=False,
-                    name="gradwatch_norms",
-                )
                 self._seq = tf.Variable(
                     tf.constant(step, tf.int64), trainable=False, name="gradwatch_seq"
                 )
-                self._finite = tf.Variable(True, trainable=False, name="gradwatch_finite")
+            if model.trainable_variables:
+                self._make_ring(len(model.trainable_variables))
         taps = self
 
         def apply(grads: Any, trainable_variables: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -105,43 +200,99 @@ class Taps:
                 if trainable_variables is not None
                 else _compat.optimizer_variables(inner)
             )
-            taps.record_norms(grads, variables)
-            return original(grads, trainable_variables, *args, **kwargs)
+            calm = taps.record_norms(grads, variables)
+            if calm is None:
+                return original(grads, trainable_variables, *args, **kwargs)
+            if not tensorflow:
+                if bool(calm):  # the one host read per step (torch backend)
+                    return original(grads, trainable_variables, *args, **kwargs)
+                taps.urgent = True
+                return None
+            import tensorflow as tf
 
-        inner.apply = apply
+            if not inner.built:  # build outside the cond: no variables created in a branch
+                inner.build(variables)
+
+            def step_() -> Any:
+                original(grads, trainable_variables, *args, **kwargs)
+                return tf.constant(True)
+
+            applied = tf.cond(calm, step_, lambda: tf.constant(False))
+            if taps._skipped is not None:
+                taps._skipped.assign(tf.logical_not(applied))
+            return None
+
+        inner.apply = _mark(apply)
         self._installed.append((inner, "apply"))
         self.norms_on = True
 
-    def record_norms(self, grads: list[Any], variables: list[Any]) -> None:
-        """Called inside the train step (traced on TensorFlow): one reduction, one stored vector."""
-        self.names = [v.path for v in variables]
-        if keras.backend.backend() == "tensorflow":
-            self._record_tf(grads)
-        else:
-            self._record_torch(grads)
-
-    def _record_tf(self, grads: list[Any]) -> None:
+    def _make_ring(self, n: int) -> None:
         import tensorflow as tf
 
-        # Half squared norms with one fused op per tensor (tf.nn.l2_loss), one sqrt for all.
-        halves = []
-        for g in grads:
-            if g is None:
-                halves.append(tf.constant(0.0, tf.float32))
-                continue
-            if isinstance(g, tf.IndexedSlices):
-                unique, inverse = tf.unique(g.indices)
-                g = tf.math.unsorted_segment_sum(g.values, inverse, tf.shape(unique)[0])
-            if g.dtype in (tf.float16, tf.bfloat16):
+        with tf.init_scope():
+            self._ring = tf.Variable(
+                tf.zeros([HEALTH_BLOCK, n + 1], tf.float64), trainable=False, name="gradwatch_norms"
+            )
+
+    def record_norms(self, grads: list[Any], variables: list[Any]) -> Any:
+        """Called inside the train step (traced on TensorFlow): one reduction, one stored vector.
+
+        Returns whether the step may update (a boolean tensor) when the guard is on, else ``None``.
+        """
+        self.names = [v.path for v in variables]
+        self.shapes = {v.path: tuple(int(d) for d in v.shape) for v in variables}
+        if keras.backend.backend() == "tensorflow":
+            return self._record_tf(grads, variables)
+        return self._record_torch(grads)
+
+    def _limits(self, dtype: Any) -> npt.NDArray[np.float64]:
+        """Each tensor's norm limit for the guard (the largest float64 without ``explode``)."""
+        top = float(np.finfo(np.float64).max)
+        if self._explode is None:
+            return np.full(len(self.names), top)
+        return np.array(
+            [
+                min(top, math.sqrt(max(1, math.prod(self.shapes[n]))) * self._explode)
+                for n in self.names
+            ]
+        )
+
+    def _record_tf(self, grads: list[Any], variables: list[Any]) -> Any:
+        import tensorflow as tf
+
+        dense: list[Any] = []
+        for g, v in zip(grads, variables, strict=False):
+            if g is not None and isinstance(g, tf.IndexedSlices):
+                if self._jit:  # XLA: a fixed row count (the variable's), repeated rows summed
+                    g = tf.math.unsorted_segment_sum(g.values, g.indices, int(v.shape[0]))
+                else:
+                    unique, inverse = tf.unique(g.indices)
+                    g = tf.math.unsorted_segment_sum(g.values, inverse, tf.shape(unique)[0])
+            if g is not None and g.dtype in (tf.float16, tf.bfloat16):
                 g = tf.cast(g, tf.float32)  # a half-precision sum of squares overflows early
-            halves.append(tf.cast(tf.nn.l2_loss(g), tf.float32))
-        stacked = tf.sqrt(2.0 * tf.cast(tf.stack(halves), tf.float64))
-        if self._ring.shape[1] != stacked.shape[0] + 1:
-            return
+            dense.append(g)
+        if not dense:
+            return None
+        zero32, zero64 = tf.constant(0.0, tf.float32), tf.constant(0.0, tf.float64)
+        # Half squared norms with one fused op per tensor (tf.nn.l2_loss), one sqrt for all.
+        halves = tf.stack(
+            [zero32 if g is None else tf.cast(tf.nn.l2_loss(g), tf.float32) for g in dense]
+        )
+
+        def exact() -> Any:  # a float32 sum of squares overflowed (or a gradient is not finite)
+            return tf.stack(
+                [zero64 if g is None else tf.nn.l2_loss(tf.cast(g, tf.float64)) for g in dense]
+            )
+
+        halves64 = tf.cond(
+            tf.reduce_all(tf.math.is_finite(halves)), lambda: tf.cast(halves, tf.float64), exact
+        )
+        stacked = tf.sqrt(2.0 * halves64)
+        if self._ring is None or self._ring.shape[1] != len(dense) + 1:
+            self._make_ring(len(dense))  # a model built during fit: its variables exist now
 
         def store() -> Any:
             seq = self._seq.assign_add(1)
-            self._finite.assign(tf.reduce_all(tf.math.is_finite(stacked)))
             row = tf.concat([stacked, tf.reshape(tf.cast(seq, tf.float64), [1])], 0)
             self._ring.scatter_nd_update(
                 tf.reshape(seq % HEALTH_BLOCK, [1, 1]), tf.reshape(row, [1, -1])
@@ -157,28 +308,44 @@ class Taps:
                 store()
         else:
             tf.cond(tf.equal(replica, 0), store, lambda: tf.constant(0))
+        if not self._guard or not tf.__internal__.distribute.strategy_supports_no_merge_call():
+            return None  # the optimizer's merge_call cannot sit in a cond: no in-graph skip
+        return tf.reduce_all(stacked <= tf.constant(self._limits(tf.float64)))
 
-    def _record_torch(self, grads: list[Any]) -> None:
+    def _record_torch(self, grads: list[Any]) -> Any:
         import torch
 
         from gradwatch.torch import _compat as torch_compat
 
-        dense = [g for g in grads if g is not None]
-        norms = (
-            torch_compat.foreach_norm([g.to_dense() if g.is_sparse else g for g in dense])
-            if dense
-            else []
-        )
-        it = iter(norms)
-        if grads:
-            stacked = torch.stack(
-                [next(it).float() if g is not None else torch.zeros(()) for g in grads]
-            ).detach()
-            last = self._torch_rows[-1][0] if self._torch_rows else self._seen_seq
-            self._torch_rows.append((last + 1, stacked))
-            del self._torch_rows[:-HEALTH_BLOCK]
+        if not grads:
+            return None
+        dense = [g.to_dense() if g.is_sparse else g for g in grads if g is not None]
+        it = iter(torch_compat.foreach_norm(dense) if dense else [])
+        stacked = torch.stack(
+            [next(it).float() if g is not None else torch.zeros(()) for g in grads]
+        ).detach()
+        calm: bool | None = None
+        if self._guard:
+            limits = self._limits(None)
+            top = torch.finfo(torch.float32).max
+            bound = torch.as_tensor(np.minimum(limits, top), dtype=torch.float32)
+            calm = bool((stacked <= bound).all())  # the one host read per step
+            if not calm:  # float32 overflows recomputed in float64; NaN and inf stay
+                values = stacked.tolist()
+                for i, (g, value) in enumerate(zip(grads, values, strict=True)):
+                    if value == math.inf and g is not None:
+                        g64 = (g.to_dense() if g.is_sparse else g).detach().double()
+                        values[i] = float(torch.linalg.vector_norm(g64))
+                stacked = torch.tensor(values, dtype=torch.float64)
+                calm = all(v <= lim for v, lim in zip(values, limits, strict=True))
+        last = self._torch_rows[-1][0] if self._torch_rows else self._seen_seq
+        self._torch_rows.append((last + 1, stacked))
+        del self._torch_rows[:-HEALTH_BLOCK]
+        return calm
 
-    def _install_capture(self, model: Any) -> None:
+    def _install_train_step(self, model: Any, capture: bool) -> None:
+        """Wrap ``train_step``: the capture, and (TensorFlow, guard on) the non-trainable state
+        (BatchNorm statistics...) put back on a step whose update the guard skipped."""
         original = model.train_step
         taps = self
         if keras.backend.backend() == "tensorflow":
@@ -186,20 +353,27 @@ class Taps:
 
             with tf.init_scope():
                 self._due_var = tf.Variable(False, trainable=False, name="gradwatch_due")
+                if self._guard:
+                    self._skipped = tf.Variable(False, trainable=False, name="gradwatch_skipped")
 
             def train_step(data: Any) -> Any:
-                flat = [tf.convert_to_tensor(t) for t in keras.tree.flatten(data)]
+                if capture:
+                    flat = [tf.convert_to_tensor(t) for t in keras.tree.flatten(data)]
+                    keep = taps._xla_keep(data, flat) if taps._jit else taps._py_keep(data, flat)
+                    if keep is not None:
+                        tf.cond(taps._due_var, keep, lambda: tf.constant(0))
+                state = list(model.non_trainable_variables) if taps._skipped is not None else []
+                before = [tf.identity(v.value) for v in state]
+                logs = original(data)
+                if state:
 
-                def stash() -> Any:
-                    def keep(*arrays: Any) -> int:
-                        values = [a.numpy() for a in arrays]
-                        taps.stash = keras.tree.pack_sequence_as(data, values)
-                        return 0
+                    def restore() -> Any:
+                        for v, value in zip(state, before, strict=True):
+                            v.assign(value)
+                        return tf.constant(0)
 
-                    return tf.py_function(keep, flat, Tout=tf.int32)
-
-                tf.cond(taps._due_var, stash, lambda: tf.constant(0))
-                return original(data)
+                    tf.cond(taps._skipped, restore, lambda: tf.constant(0))
+                return logs
         else:
 
             def train_step(data: Any) -> Any:
@@ -209,8 +383,63 @@ class Taps:
                     )
                 return original(data)
 
-        model.train_step = train_step
+        model.train_step = _mark(train_step)
         self._installed.append((model, "train_step"))
+
+    def _py_keep(self, data: Any, flat: list[Any]) -> Any:
+        """The batch to the host through ``tf.py_function`` (exact; not XLA-compilable)."""
+        import tensorflow as tf
+
+        taps = self
+
+        def keep() -> Any:
+            def to_host(*arrays: Any) -> int:
+                taps.stash = keras.tree.pack_sequence_as(data, [a.numpy() for a in arrays])
+                return 0
+
+            return tf.py_function(to_host, flat, Tout=tf.int32)
+
+        return keep
+
+    def _xla_keep(self, data: Any, flat: list[Any]) -> Any:
+        """The batch into zero-padded ``[CAPACITY, ...]`` variables and a row count (XLA-safe).
+
+        Returns ``None`` (no capture; the check is skipped with a warning) when an input leaf has
+        no fixed per-row shape.
+        """
+        import tensorflow as tf
+
+        if not flat or any(t.shape.rank is None or t.shape.rank < 1 for t in flat):
+            self.no_capture = "an input without a batch dimension"
+            return None
+        if any(d is None for t in flat for d in t.shape[1:]):
+            self.no_capture = "an input whose per-row shape varies (padded variables need one)"
+            return None
+        if len(self._slots) != len(flat):
+            with tf.init_scope():
+                self._slots = [
+                    tf.Variable(
+                        tf.zeros([CAPACITY, *t.shape[1:]], t.dtype),
+                        trainable=False,
+                        name=f"gradwatch_batch_{i}",
+                    )
+                    for i, t in enumerate(flat)
+                ]
+                self._rows_var = tf.Variable([0, 0], trainable=False, name="gradwatch_rows")
+        self._structure = data
+        slots, rows_var = self._slots, self._rows_var
+
+        def keep() -> Any:
+            total = tf.shape(flat[0])[0]
+            n = tf.minimum(total, CAPACITY)
+            for var, t in zip(slots, flat, strict=True):
+                head = t[:CAPACITY]
+                pad = [[0, CAPACITY - n]] + [[0, 0]] * (t.shape.rank - 1)
+                var.assign(tf.ensure_shape(tf.pad(head, pad), var.shape))
+            rows_var.assign(tf.stack([n, total]))
+            return tf.constant(0)
+
+        return keep
 
     # -- the host side -------------------------------------------------------------------------
     def set_due(self, due: bool) -> None:
@@ -221,18 +450,29 @@ class Taps:
                 self._due_var.assign(due)
 
     def take_stash(self) -> Any:
-        """The captured batch (``None`` if none), forgotten afterwards."""
+        """The captured batch (``None`` if none), forgotten afterwards.
+
+        Under XLA the padded variables are read (their first ``rows`` rows); :attr:`capped` then
+        says whether the batch was larger than :data:`CAPACITY`.
+        """
+        if self._slots and self._rows_var is not None and self._structure is not None:
+            n, total = (int(x) for x in self._rows_var.numpy())
+            self._rows_var.assign([0, 0])
+            if n == 0:
+                return None
+            self.capped = (n, total) if total > n else None
+            values = [v.numpy()[:n] for v in self._slots]
+            return keras.tree.pack_sequence_as(self._structure, values)
         stash, self.stash = self.stash, None
         return stash
 
-    def step_done(self, urgent: bool) -> bool:
-        """After a step: whether the stored rows must be read now (a block is full, or ``urgent``,
-        or the step's gradients are not finite)."""
+    def step_done(self) -> bool:
+        """After a callback call: whether the stored rows must be read now (a block is full, or
+        the torch guard skipped an update)."""
         if not self.norms_on:
             return False
         self._since_read += 1
-        if not urgent and self._finite is not None:
-            urgent = not bool(self._finite.value().numpy())
+        urgent, self.urgent = self.urgent, False
         return urgent or self._since_read >= self._read_every
 
     @property
@@ -240,10 +480,16 @@ class Taps:
         """Rows are stored that were not read yet."""
         return self.norms_on and self._since_read > 0
 
-    def drain(self, step: int) -> tuple[list[int], npt.NDArray[np.float64]]:
-        """Rows stored since the last read, oldest first, with their steps (one device read)."""
+    def drain(self) -> tuple[list[int], npt.NDArray[np.float64]]:
+        """Rows stored since the last read, oldest first, with their steps (one device read).
+
+        A row's step is its train-step count (``optimizer.iterations`` after the step, when no
+        update was skipped), under any ``steps_per_execution``.
+        """
         self._since_read = 0
         if self._seq is not None:  # TensorFlow ring
+            if self._ring is None:
+                return [], np.zeros((0, len(self.names)))
             buf = np.asarray(self._ring.numpy(), dtype=np.float64)
             seqs, values = buf[:, -1].astype(np.int64), buf[:, :-1]
         else:  # torch: host list of device vectors
@@ -253,14 +499,11 @@ class Taps:
             import torch
 
             seqs = np.array([q for q, _ in rows], dtype=np.int64)
-            values = torch.stack([t for _, t in rows]).cpu().numpy().astype(np.float64)
+            values = torch.stack([t.double() for _, t in rows]).cpu().numpy()
         fresh = seqs > self._seen_seq
         if not fresh.any():
             return [], values[:0]
         order = np.argsort(seqs[fresh])
         seqs, values = seqs[fresh][order], values[fresh][order]
         self._seen_seq = int(seqs[-1])
-        values = values[:, : len(self.names)]
-        if self._last_row_only:
-            return [step], values[-1:]
-        return seqs.tolist(), values
+        return seqs.tolist(), values[:, : len(self.names)]
