@@ -6,8 +6,9 @@ Every error is a ``ValueError`` naming the argument, the allowed values and the 
 from __future__ import annotations
 
 import math
+import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,11 +23,14 @@ __all__ = [
     "check_dtype",
     "check_mode",
     "check_optional_bool",
+    "check_path",
     "check_period",
     "check_positive_float",
     "check_positive_int",
     "check_seed",
+    "check_selection",
     "compile_patterns",
+    "pattern_strings",
 ]
 
 DTYPES: tuple[str | None, ...] = ("float64", "float32", None)
@@ -102,22 +106,44 @@ def check_dtype(value: object) -> str | None:
     return value  # type: ignore[return-value]
 
 
-def compile_patterns(argument: str, value: str | Sequence[str] | None) -> list[re.Pattern[str]]:
+def pattern_strings(argument: str, value: object) -> str | tuple[str, ...] | None:
+    """``None``, one pattern string, or a tuple of pattern strings (any iterable of them given).
+
+    Example:
+        >>> pattern_strings("include", ["fc1", "fc2"])
+        ('fc1', 'fc2')
+        >>> pattern_strings("include", 5)
+        Traceback (most recent call last):
+        ...
+        ValueError: include must be a regular expression or a list of them, got 5
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValueError(
+            f"{argument} must be a regular expression or a list of them, got {value!r}"
+        )
+    items = tuple(value)
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(
+                f"{argument} must be a regular expression or a list of them, got {item!r}"
+            )
+    return items
+
+
+def compile_patterns(argument: str, value: object) -> list[re.Pattern[str]]:
     """Regular expressions from a string or a sequence of strings.
 
     Example:
         >>> [p.pattern for p in compile_patterns("include", r"fc\\d")]
         ['fc\\\\d']
     """
-    if value is None:
+    strings = pattern_strings(argument, value)
+    if strings is None:
         return []
-    items = [value] if isinstance(value, str) else list(value)
     patterns = []
-    for item in items:
-        if not isinstance(item, str):
-            raise ValueError(
-                f"{argument} must be a regular expression or a list of them, got {item!r}"
-            )
+    for item in [strings] if isinstance(strings, str) else strings:
         try:
             patterns.append(re.compile(item))
         except re.error as exc:
@@ -136,16 +162,76 @@ def selected(
     return not any(p.search(name) for p in exclude)
 
 
+def check_selection(
+    names: Sequence[str],
+    include: Sequence[re.Pattern[str]],
+    exclude: Sequence[re.Pattern[str]],
+    *,
+    what: str = "parameter",
+) -> list[str]:
+    """The names ``include``/``exclude`` select; ``ValueError`` when they select none of ``names``.
+
+    An empty ``names`` (a model with nothing trainable, or not built yet) selects nothing and
+    raises nothing: that is not the patterns' fault.
+
+    Example:
+        >>> names = ["fc1.weight", "fc1.bias", "out.weight"]
+        >>> check_selection(names, compile_patterns("include", "fc1"), [])
+        ['fc1.weight', 'fc1.bias']
+        >>> check_selection(names, compile_patterns("include", "conv"), [])
+        Traceback (most recent call last):
+        ...
+        ValueError: include/exclude left no parameter to check (include=['conv']); the 3 trainable parameters are ['fc1.weight', 'fc1.bias', 'out.weight']
+    """
+    chosen = [n for n in names if selected(n, include, exclude)]
+    if names and not chosen:
+        given = ", ".join(
+            f"{argument}={[p.pattern for p in patterns]!r}"
+            for argument, patterns in (("include", include), ("exclude", exclude))
+            if patterns
+        )
+        shown = list(names[:10])
+        more = f" (first 10 of {len(names)})" if len(names) > 10 else ""
+        raise ValueError(
+            f"include/exclude left no {what} to check ({given}); the {len(names)} trainable "
+            f"{what}s are {shown!r}{more}"
+        )
+    return chosen
+
+
 def check_seed(value: object) -> int:
-    """An integer seed.
+    """An integer ≥ 0 (numpy's ``SeedSequence`` takes no negative entropy).
 
     Example:
         >>> check_seed(3)
         3
+        >>> check_seed(-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: seed must be an integer >= 0, got -1
     """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"seed must be an integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {value!r}")
     return value
+
+
+def check_path(argument: str, value: object) -> str | None:
+    """``None`` or a non-empty path (``str`` or ``os.PathLike``), as a string.
+
+    Example:
+        >>> check_path("log_dir", None) is None
+        True
+        >>> check_path("log_dir", 5)
+        Traceback (most recent call last):
+        ...
+        ValueError: log_dir must be a path (str or os.PathLike) or None, got 5
+    """
+    if value is None:
+        return None
+    path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{argument} must be a path (str or os.PathLike) or None, got {value!r}")
+    return path
 
 
 def check_optional_bool(argument: str, value: object) -> bool | None:
@@ -248,6 +334,11 @@ class WatchConfig:
         for name in ("enable_checks", "enable_norms"):
             if not isinstance(getattr(c, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
+        if not c.enable_checks and not c.enable_norms:
+            raise ValueError(
+                "GradWatch would do nothing with enable_checks=False and enable_norms=False: "
+                "remove the callback, or set enable_checks=True or enable_norms=True"
+            )
         check_positive_int("norm_every_n_steps", c.norm_every_n_steps)
         check_period(
             "log_every_n_steps",
@@ -258,6 +349,12 @@ class WatchConfig:
         )
         check_positive_float("vanish_threshold", c.vanish_threshold)
         check_positive_float("explode_threshold", c.explode_threshold)
+        if c.vanish_threshold >= c.explode_threshold:
+            raise ValueError(
+                f"vanish_threshold must be below explode_threshold, got "
+                f"vanish_threshold={c.vanish_threshold!r} and "
+                f"explode_threshold={c.explode_threshold!r}"
+            )
         check_positive_int("patience", c.patience)
         for name in ("on_mismatch", "on_vanish", "on_explode", "on_nonfinite"):
             validate_policy(name, getattr(c, name))
@@ -272,7 +369,8 @@ class WatchConfig:
         check_positive_float("rtol", c.rtol, allow_none=True)
         compile_patterns("include", c.include)
         compile_patterns("exclude", c.exclude)
-        if c.jsonl_path is not None and not isinstance(c.jsonl_path, (str,)):
+        if c.jsonl_path is not None and (not isinstance(c.jsonl_path, str) or not c.jsonl_path):
+            # from_arguments turns an os.PathLike into its string; the config holds strings only.
             raise ValueError(f"jsonl_path must be a path string or None, got {c.jsonl_path!r}")
         return c
 
@@ -286,11 +384,10 @@ class WatchConfig:
         names = set(cls.__dataclass_fields__)
         kwargs = {k: v for k, v in arguments.items() if k in names}
         for key in ("include", "exclude"):
-            value = kwargs.get(key)
-            if value is not None and not isinstance(value, str):
-                kwargs[key] = tuple(value)
-        if kwargs.get("jsonl_path") is not None:
-            kwargs["jsonl_path"] = str(kwargs["jsonl_path"])
+            if key in kwargs:
+                kwargs[key] = pattern_strings(key, kwargs[key])
+        if "jsonl_path" in kwargs:
+            kwargs["jsonl_path"] = check_path("jsonl_path", kwargs["jsonl_path"])
         return cls.create(**kwargs)
 
     @property

@@ -112,7 +112,13 @@ def test_uncompiled_model_without_loss_is_value_error():
         ({"num_params": 0}, "num_params"),
         ({"mode": "x"}, "mode must be one of"),
         ({"dtype": "int8"}, "dtype must be one of"),
-        ({"include": "nothing"}, "include/exclude"),
+        (
+            {"include": "nothing"},
+            r"include/exclude left no variable to check \(include=\['nothing'\]\)",
+        ),
+        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+        ({"include": 5}, "include must be a regular expression or a list of them, got 5"),
+        ({"exclude": 5}, "exclude must be a regular expression or a list of them, got 5"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -211,6 +217,95 @@ def test_probe_data_that_does_not_fit_is_value_error_at_train_begin():
             verbose=0,
             callbacks=[GradWatch(data=(np.ones((4, 7), "float32"), np.zeros(4)))],
         )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"data": "x"},
+            "data must be None or probe data: (x, y) or (x, y, sample_weight) arrays (or x "
+            "alone), a tf.data.Dataset or a keras.utils.PyDataset; got 'x'",
+        ),
+        (
+            {"data": (np.ones((2, 3)), "y")},
+            "data must be None or probe data: (x, y) or (x, y, sample_weight) arrays (or x "
+            "alone), a tf.data.Dataset or a keras.utils.PyDataset; got a tuple of (ndarray, str)",
+        ),
+        (
+            {"data": (np.ones(2),) * 4},
+            "data must be None or probe data: (x, y) or (x, y, sample_weight) arrays (or x "
+            "alone), a tf.data.Dataset or a keras.utils.PyDataset; got a tuple of (ndarray, "
+            "ndarray, ndarray, ndarray)",
+        ),
+        ({"log_dir": 5}, "log_dir must be a path (str or os.PathLike) or None, got 5"),
+        ({"log_dir": ""}, "log_dir must be a path (str or os.PathLike) or None, got ''"),
+        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+        ({"include": 5}, "include must be a regular expression or a list of them, got 5"),
+        (
+            {"vanish_threshold": 2.0, "explode_threshold": 1.0},
+            "vanish_threshold must be below explode_threshold, got vanish_threshold=2.0 and "
+            "explode_threshold=1.0",
+        ),
+        (
+            {"enable_checks": False, "enable_norms": False},
+            "GradWatch would do nothing with enable_checks=False and enable_norms=False: remove "
+            "the callback, or set enable_checks=True or enable_norms=True",
+        ),
+    ],
+)
+def test_configuration_errors_at_construction(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        GradWatch(**kwargs)
+    assert str(info.value) == message
+
+
+def test_log_dir_without_tensorboard_names_the_extra_at_construction(monkeypatch, tmp_path):
+    assert GradWatch(log_dir=tmp_path).log_dir == str(tmp_path)  # os.PathLike is a path
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    with pytest.raises(ModuleNotFoundError) as info:
+        GradWatch(log_dir=str(tmp_path))
+    assert info.value.name == "tensorboard"
+    assert str(info.value) == (
+        "log_dir asks for TensorBoard files, which need the tensorboard package: "
+        'pip install "gradwatch[tensorboard]" (or pass log_dir=None)'
+    )
+    assert GradWatch(log_dir=None).log_dir is None  # no TensorBoard files, no package needed
+
+
+def test_include_matching_no_variable_raises_at_train_begin():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="out")], name="tiny")
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
+    cb = GradWatch(include="conv", check_every_n_steps=1)
+    with pytest.raises(ValueError) as info:
+        model.fit(x, y, epochs=1, callbacks=[cb], verbose=0)
+    assert str(info.value) == (
+        "include/exclude left no variable to check (include=['conv']); the 2 trainable variables "
+        "are ['tiny/out/kernel', 'tiny/out/bias']"
+    )
+    assert int(model.optimizer.iterations) == 0 and cb.reports == []  # before the first step
+    cb = GradWatch(include="conv", enable_checks=False)  # the patterns only select what is checked
+    model.fit(x, y, epochs=1, callbacks=[cb], verbose=0)
+
+
+def test_include_on_a_model_built_during_fit_is_judged_at_the_first_check():
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = Sub()
+    model.compile(optimizer="sgd", loss="mse")
+    cb = GradWatch(include="conv", check_every_n_steps=1)
+    with pytest.warns(UserWarning, match="include/exclude left no variable to check"):
+        model.fit(
+            np.ones((4, 3), "float32"), np.zeros((4, 2), "float32"), callbacks=[cb], verbose=0
+        )
+    assert cb.reports == []
 
 
 def test_vanishing_and_exploding():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import lightning as L
@@ -216,6 +217,22 @@ def test_manual_optimization_needs_loss_fn_at_setup():
         fit(Manual(MLP()), GradWatch())
 
 
+def test_include_matching_no_parameter_raises_at_setup():
+    cb = GradWatch(include=["conv", "attn"], exclude="bias")
+    with pytest.raises(ValueError) as info:
+        fit(Classifier(MLP()), cb, max_steps=2)
+    assert str(info.value) == (
+        "include/exclude left no parameter to check (include=['conv', 'attn'], "
+        "exclude=['bias']); the 6 trainable parameters are ['net.fc1.weight', 'net.fc1.bias', "
+        "'net.fc2.weight', 'net.fc2.bias', 'net.out.weight', 'net.out.bias']"
+    )
+    assert cb.reports == [] and cb.events == []  # raised before the first step
+    # The patterns only select what is checked: with checks off they are not judged.
+    cb = GradWatch(include="conv", enable_checks=False)
+    fit(Classifier(MLP()), cb, max_steps=2)
+    assert cb.events == []
+
+
 def test_manual_optimization_with_loss_fn():
     def loss_fn(module, batch):
         x, y = batch
@@ -331,10 +348,23 @@ def test_state_key_tells_instances_apart():
         ({"patience": 0}, "patience"),
         ({"loss_fn": 3}, "loss_fn must be callable"),
         ({"exclude": "(["}, "exclude has an invalid"),
+        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+        ({"include": 5}, "include must be a regular expression or a list of them, got 5"),
+        ({"exclude": 5}, "exclude must be a regular expression or a list of them, got 5"),
+        (
+            {"vanish_threshold": 1e3, "explode_threshold": 1e3},
+            "vanish_threshold must be below explode_threshold, got vanish_threshold=1000.0 "
+            "and explode_threshold=1000.0",
+        ),
+        (
+            {"enable_checks": False, "enable_norms": False},
+            "GradWatch would do nothing with enable_checks=False and enable_norms=False",
+        ),
+        ({"jsonl_path": 5}, "jsonl_path must be a path (str or os.PathLike) or None, got 5"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, match):
-    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(match)):
         GradWatch(**kwargs)
 
 

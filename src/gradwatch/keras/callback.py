@@ -17,10 +17,15 @@ import numpy as np
 
 from gradwatch.core.policy import Action
 from gradwatch.keras.backend import to_numpy
-from gradwatch.keras.checker import KerasChecker, check_probe_shapes, probe_batch
+from gradwatch.keras.checker import (
+    KerasChecker,
+    check_probe_data,
+    check_probe_shapes,
+    probe_batch,
+)
 from gradwatch.keras.taps import Taps
-from gradwatch.options import WatchConfig
-from gradwatch.watch.sinks import Sink, TensorBoardSink
+from gradwatch.options import WatchConfig, check_path, check_selection, compile_patterns
+from gradwatch.watch.sinks import Sink, TensorBoardSink, require_tensorboard
 from gradwatch.watch.watcher import Watcher, WatchRecords
 
 __all__ = ["GradWatch"]
@@ -36,6 +41,14 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             a ``keras.utils.PyDataset`` (its first batch is used). Without it the callback checks
             the live training batches (TensorFlow and torch backends).
         log_dir: TensorBoard summaries go to ``<log_dir>/gradwatch``; ``None`` writes none.
+
+    Raises:
+        ValueError: At construction, a bad argument (the message names it, the allowed values
+            and the value given). At ``on_train_begin``: an uncompiled model, probe data that
+            does not fit the model, ``include``/``exclude`` matching no trainable variable of a
+            model built before ``fit`` (one built during ``fit`` is judged at its first check).
+        ModuleNotFoundError: ``log_dir`` given without the ``tensorboard`` package; the message
+            names the extra that installs it (``pip install "gradwatch[tensorboard]"``).
 
     Example:
         >>> cb = GradWatch(check_every_n_steps=10, on_explode="halt")
@@ -72,8 +85,10 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
     ) -> None:
         super().__init__()
         self.config = WatchConfig.from_arguments(locals())
-        if log_dir is not None and not isinstance(log_dir, str):
-            log_dir = str(log_dir)
+        check_probe_data(data)
+        log_dir = check_path("log_dir", log_dir)
+        if log_dir is not None:
+            require_tensorboard("log_dir")
         self.data = data
         self.log_dir = log_dir
         self._watcher = Watcher(self.config, first_step=1)
@@ -99,6 +114,13 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         w.reset()  # each fit starts fresh, as keras.callbacks.EarlyStopping does
         if not model.compiled or model.optimizer is None:
             raise ValueError("GradWatch needs a compiled model (model.compile(optimizer, loss))")
+        if w.checks_on and model.built:  # a model built during fit is judged at its first check
+            check_selection(
+                [v.path for v in model.trainable_variables if "float" in str(v.dtype)],
+                compile_patterns("include", self.config.include),
+                compile_patterns("exclude", self.config.exclude),
+                what="variable",
+            )
         self._step = int(to_numpy(model.optimizer.iterations))
         self._last_norm = self._last_error = None
         self._checker = None

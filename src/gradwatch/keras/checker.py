@@ -201,12 +201,8 @@ class KerasChecker:
         trainable = [w for w in model.trainable_variables if "float" in str(w.dtype)]
         if not trainable:
             raise ValueError("the model has no trainable floating-point variables to check")
+        v.check_selection([w.path for w in trainable], inc, exc, what="variable")
         chosen = [i for i, w in enumerate(trainable) if v.selected(w.path, inc, exc)]
-        if not chosen:
-            raise ValueError(
-                f"include/exclude left no variable to check; trainable variables are "
-                f"{[w.path for w in trainable][:10]}"
-            )
         own_dtype = model_dtype(model)
         self.dtype_name = {"float64": "float64", "float32": "float32", None: own_dtype}[dt]
         if self.dtype_name not in ("float64", "float32"):
@@ -355,11 +351,63 @@ def assert_gradients(model: Any, x: Any, y: Any = None, **kwargs: Any) -> CheckR
 # -- probe data for the callback ------------------------------------------------------------------
 
 
+PROBE_DATA = (
+    "(x, y) or (x, y, sample_weight) arrays (or x alone), a tf.data.Dataset or a "
+    "keras.utils.PyDataset"
+)
+
+
+def _is_tf_dataset(data: Any) -> bool:
+    return type(data).__name__.endswith("Dataset") and hasattr(data, "take")
+
+
+def _arrays(value: Any) -> bool:
+    """Whether ``value`` is what Keras takes as ``x``, ``y`` or ``sample_weight``: a tensor or
+    array, a dict or a list of them, or nested numbers."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return True
+    if isinstance(value, Mapping):
+        return bool(value) and all(_arrays(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_arrays(item) for item in value)
+    return False
+
+
+def check_probe_data(data: Any) -> None:
+    """``ValueError`` naming ``data`` unless :func:`probe_batch` can take it.
+
+    A dataset's items are read only at ``on_train_begin``; here only its kind is judged.
+
+    Example:
+        >>> import numpy as np
+        >>> check_probe_data((np.ones((2, 3)), np.zeros((2, 1))))
+        >>> check_probe_data("x")
+        Traceback (most recent call last):
+        ...
+        ValueError: data must be None or probe data: (x, y) or (x, y, sample_weight) arrays (or x alone), a tf.data.Dataset or a keras.utils.PyDataset; got 'x'
+    """
+    if data is None or isinstance(data, keras.utils.PyDataset) or _is_tf_dataset(data):
+        return
+    if isinstance(data, (tuple, list)):
+        ok = 1 <= len(data) <= 3 and _arrays(data[0])
+        ok = ok and all(item is None or _arrays(item) for item in data[1:])
+    else:
+        ok = not isinstance(data, (int, float)) and _arrays(data)
+    if not ok:
+        if isinstance(data, (tuple, list)):
+            shown = f"a {type(data).__name__} of ({', '.join(type(d).__name__ for d in data)})"
+        else:
+            shown = repr(data) if len(repr(data)) <= 80 else f"a {type(data).__name__}"
+        raise ValueError(f"data must be None or probe data: {PROBE_DATA}; got {shown}")
+
+
 def probe_batch(data: Any) -> tuple[Any, Any, Any]:
     """``(x, y, sample_weight)`` from arrays, a ``tf.data.Dataset`` or a ``keras.utils.PyDataset``."""
     if isinstance(data, keras.utils.PyDataset):
         item = data[0]
-    elif type(data).__name__.endswith("Dataset") and hasattr(data, "take"):
+    elif _is_tf_dataset(data):
         item = next(iter(data.take(1)))
     elif isinstance(data, (tuple, list)):
         item = tuple(data)

@@ -32,7 +32,7 @@ from gradwatch.lightning.distributed import agree_action, agree_after_check, agr
 from gradwatch.lightning.norms import GradNorms
 from gradwatch.lightning.rerun import NotRerunnable, Rerun, SkipCheck
 from gradwatch.lightning.sinks import LoggersSink
-from gradwatch.options import WatchConfig
+from gradwatch.options import WatchConfig, check_selection, compile_patterns
 from gradwatch.report import CheckReport
 from gradwatch.torch import _compat as torch_compat
 from gradwatch.torch.twin import clean_name, uncastable
@@ -75,6 +75,11 @@ class GradWatch(WatchRecords, Callback):
         jsonl_path: Also write every record as JSON lines there.
         loss_fn: ``loss_fn(module, batch) -> loss`` to check instead of re-running
             ``training_step``; required for manual optimization.
+
+    Raises:
+        ValueError: At construction, a bad argument (the message names it, the allowed values
+            and the value given). At ``setup``, before the first step: manual optimization
+            without ``loss_fn``, or ``include``/``exclude`` matching no trainable parameter.
     """
 
     def __init__(
@@ -159,12 +164,19 @@ class GradWatch(WatchRecords, Callback):
                 "loss_fn=lambda module, batch: <scalar loss>, because training_step steps the "
                 "optimizers itself and cannot be re-run for a check; or pass enable_checks=False"
             )
+        strategy = type(trainer.strategy).__name__
+        params = [(clean_name(n), p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        if w.checks_on and strategy not in _SHARDED:
+            check_selection(
+                [n for n, p in params if p.is_floating_point()],
+                compile_patterns("include", self.config.include),
+                compile_patterns("exclude", self.config.exclude),
+            )
         w.open(
             [LoggersSink(trainer)],
             writer=trainer.global_rank == 0,
             log_every=int(getattr(trainer, "log_every_n_steps", 50)),
         )
-        strategy = type(trainer.strategy).__name__
         if w.checks_on and strategy in _SHARDED:
             w.checks_on = False
             w.warn_once(
@@ -172,7 +184,6 @@ class GradWatch(WatchRecords, Callback):
                 f"GradWatch: gradient checks are switched off under {strategy}: parameters are "
                 f"sharded across ranks, so no rank holds the whole model to perturb; norms go on",
             )
-        params = [(clean_name(n), p) for n, p in pl_module.named_parameters() if p.requires_grad]
         self._norms = GradNorms(params)
         self._limits.clear()
         self._step_rows, self._rows, self._row_steps, self._row_names = [], [], [], ()

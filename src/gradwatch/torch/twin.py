@@ -192,10 +192,5 @@ def named_trainable(
             "the model has no trainable floating-point parameters (requires_grad=True); "
             "there is nothing to check"
         )
-    chosen = [(n, p) for n, p in trainable if v.selected(n, include, exclude)]
-    if not chosen:
-        raise ValueError(
-            f"include/exclude left no parameter to check; trainable parameters are "
-            f"{[n for n, _ in trainable][:10]}"
-        )
-    return chosen
+    v.check_selection([n for n, _ in trainable], include, exclude)
+    return [(n, p) for n, p in trainable if v.selected(n, include, exclude)]

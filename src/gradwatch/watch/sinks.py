@@ -16,6 +16,7 @@ Both files are readable by ``gradwatch inspect``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Mapping
@@ -28,7 +29,27 @@ import numpy.typing as npt
 from gradwatch.report import CheckReport, GradientEvent, json_float
 from gradwatch.watch import tags
 
-__all__ = ["JsonlSink", "Sink", "TensorBoardSink"]
+__all__ = ["JsonlSink", "Sink", "TensorBoardSink", "require_tensorboard"]
+
+#: What installs the package :class:`TensorBoardSink` writes with.
+TENSORBOARD_EXTRA = 'pip install "gradwatch[tensorboard]"'
+
+
+def require_tensorboard(argument: str) -> None:
+    """``ModuleNotFoundError`` naming the extra to install when ``tensorboard`` is missing.
+
+    Called where an argument asks for TensorBoard files (Keras ``log_dir``), so the user learns
+    at construction rather than at the first write. The package is looked up, not imported.
+
+    Example:
+        >>> require_tensorboard("log_dir")  # installed here: nothing happens
+    """
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ModuleNotFoundError(
+            f"{argument} asks for TensorBoard files, which need the tensorboard package: "
+            f"{TENSORBOARD_EXTRA} (or pass {argument}=None)",
+            name="tensorboard",
+        )
 
 
 @runtime_checkable
