@@ -19,7 +19,11 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print JSON instead of tables")
     ins.add_argument("--plot", metavar="FILE.png", help="write a PNG of norms and errors")
     ins.add_argument("--exit-zero", action="store_true", help="exit 0 even when events are found")
-    ins.add_argument("--run", metavar="PATTERN", help="keep runs whose relative path matches")
+    ins.add_argument(
+        "--run",
+        metavar="PATTERN",
+        help="keep runs whose relative path matches this glob (with '#': <folder>#<run id>)",
+    )
     ins.add_argument("--param", metavar="REGEX", help="keep parameters matching this expression")
     return parser
 

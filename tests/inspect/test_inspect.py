@@ -15,7 +15,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from gradwatch.cli import main
 from gradwatch.inspect import load, to_json
 from gradwatch.lightning import GradWatch
-from gradwatch.watch.sinks import TensorBoardSink
+from gradwatch.options import WatchConfig
+from gradwatch.watch.sinks import Sink, TensorBoardSink
+from gradwatch.watch.watcher import Watcher
 from tests.helpers.lightning_models import Classifier, buggy_net, loader, sigmoid_stack, trainer
 
 pytestmark = [
@@ -144,6 +146,89 @@ def test_reads_tf2_tensor_summaries_and_jsonl(tmp_path):
     assert runs["run"].rel_errors["max"] == {5: 0.5}
     assert [(e.kind, e.step) for e in runs["run"].events] == [("exploding", 5)]
     assert runs["run2"].norms["w"] == {1: 1.0} and runs["run2"].events[0].param == "w"
+
+
+# --- several runs in one file or folder -----------------------------------------------------------
+
+
+def _fit(w: Watcher, sinks: list[Sink], first: int, bad: dict[int, str]) -> str:
+    """One short run through the watcher (as a callback's fit): norms, a bad tensor at some steps."""
+    w.reset()
+    w.open(sinks, log_every=1)
+    w.start({"w": (2, 2), "b": (2,)})
+    for step in range(first, first + 4):
+        norms = {"w": 1.0, "b": 1.0}
+        if step in bad:
+            norms[bad[step]] = float("nan")
+        w.observe_norms(step, norms)
+    w.flush_health()
+    w.close()
+    return w.run
+
+
+def test_one_jsonl_file_with_two_runs_reads_as_two_runs(tmp_path, capsys):
+    path = tmp_path / "gw.jsonl"
+    w = Watcher(WatchConfig.create(jsonl_path=str(path), on_nonfinite="ignore"), first_step=1)
+    first = _fit(w, [], 1, {2: "w"})
+    second = _fit(w, [], 5, {6: "b", 8: "w"})  # a second fit appending to the same file
+    runs = load(path)
+    assert [(r.name, r.run_id) for r in runs] == [(f".#{first}", first), (f".#{second}", second)]
+    assert [e.step for e in runs[0].events] == [2] and runs[0].norms["w"].keys() == {1, 2, 3, 4}
+    assert [e.step for e in runs[1].events] == [6, 8] and runs[1].norms["w"].keys() == {5, 6, 7, 8}
+
+    doc = to_json(runs)
+    assert doc["runs"] == [f".#{first}", f".#{second}"]
+    assert [(e["run"], e["step"]) for e in doc["events"]] == [
+        (f".#{first}", 2),
+        (f".#{second}", 6),
+        (f".#{second}", 8),
+    ]
+    assert main(["inspect", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"run .#{first}" in out and f"run .#{second}" in out and "3 event(s)" in out
+
+    (only,) = load(tmp_path, run=f"*#{second[:6]}*")  # a glob with "#" picks runs by id
+    assert only.run_id == second
+    assert [r.run_id for r in load(tmp_path, run=".")] == [first, second]  # by folder: both
+
+
+def test_records_without_a_run_id_are_one_run_as_in_0_1(tmp_path):
+    path = tmp_path / "gw.jsonl"
+    event = {"kind": "exploding", "param": "w", "value": 2e3, "threshold": 1e3, "message": "big"}
+    lines = [  # a 0.1 file: no run ids
+        {"type": "meta", "shapes": {"w": [1]}},
+        {"type": "norms", "step": 1, "values": {"w": 1.0}, "global": 1.0},
+        {"type": "event", "step": 3, "event": {**event, "step": 3}},
+        {"type": "norms", "step": 3, "values": {"w": 2e3}, "global": 2e3},
+    ]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run,) = load(path)
+    assert run.name == "." and run.run_id is None and run.norms["w"] == {1: 1.0, 3: 2e3}
+    assert [e.step for e in run.events] == [3]
+
+    # A 0.2 run appended after them: with one id in the file, still one run.
+    w = Watcher(WatchConfig.create(jsonl_path=str(path), on_nonfinite="ignore"), first_step=10)
+    first = _fit(w, [], 10, {11: "w"})
+    (run,) = load(path)
+    assert run.name == "." and run.run_id == first and [e.step for e in run.events] == [3, 11]
+    # A second 0.2 run: each id is a run, and the records without an id are one more.
+    second = _fit(w, [], 20, {})
+    assert [(r.name, len(r.events)) for r in load(path)] == [
+        (".", 1),
+        (f".#{first}", 1),
+        (f".#{second}", 0),
+    ]
+
+
+def test_two_tensorboard_runs_in_one_folder_are_told_apart_by_their_meta(tmp_path):
+    folder = tmp_path / "exp" / "gradwatch"  # Keras: two fits writing to one log_dir
+    w = Watcher(WatchConfig.create(on_nonfinite="ignore"), first_step=1)
+    first = _fit(w, [TensorBoardSink(folder)], 1, {2: "w"})
+    second = _fit(w, [TensorBoardSink(folder)], 5, {})
+    runs = load(tmp_path)
+    assert [r.name for r in runs] == [f"exp/gradwatch#{first}", f"exp/gradwatch#{second}"]
+    assert [e.step for e in runs[0].events] == [2] and runs[1].events == []
+    assert runs[1].norms["w"].keys() == {5, 6, 7, 8}
 
 
 # --- damaged inputs -------------------------------------------------------------------------------

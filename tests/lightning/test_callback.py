@@ -189,6 +189,52 @@ def test_jsonl_path_gets_every_record(tmp_path):
     assert all("every 4 optimizer steps" in r["text"] for r in schedule)
 
 
+def test_two_fits_with_one_callback_are_two_runs_in_one_jsonl_file(tmp_path):
+    import json
+
+    from gradwatch.inspect import load
+
+    path = tmp_path / "gw.jsonl"
+    cb = GradWatch(
+        check_every_n_steps=4, log_every_n_steps=1, jsonl_path=str(path), on_mismatch="ignore"
+    )
+    fit(Classifier(buggy_net(0.9)), cb, max_steps=3)
+    first = cb._watcher.run
+    fit(Classifier(buggy_net(0.9)), cb, max_steps=3)  # the same callback, the same file
+    second = cb._watcher.run
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    ids = [r["run"] for r in records]  # the first run's records, then the second's
+    assert first != second and ids == [first] * ids.count(first) + [second] * ids.count(second)
+    runs = load(path)
+    assert [r.run_id for r in runs] == [first, second]
+    for run in runs:  # each run has its own check at step 0, its own event, its own norms
+        assert [(e.step, e.kind) for e in run.events] == [(0, "mismatch")]
+        assert sorted(run.norms["global"]) == [0, 1, 2]
+
+
+def test_csv_logger_gets_running_event_counts(tmp_path):
+    import csv
+
+    class NaNAfter(Classifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.global_step == 2 else loss
+
+    cb = GradWatch(enable_checks=False, on_nonfinite="warn")
+    logger = CSVLogger(tmp_path, name="csv")
+    with pytest.warns(GradientHealthWarning, match="NaN or inf"):
+        fit(NaNAfter(MLP()), cb, logger=logger, max_steps=4, log_every_n_steps=1)
+    with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    counts = [
+        (row["step"], row["gradwatch/events/nonfinite"])
+        for row in rows
+        if row.get("gradwatch/events/nonfinite")
+    ]
+    assert counts == [("2", "1.0")]
+    assert [e.kind for e in cb.events] == ["nonfinite"]
+
+
 # --- training setups -----------------------------------------------------------------------------
 
 
@@ -327,6 +373,7 @@ def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
     t2.fit(Classifier(MLP()), loader(), ckpt_path=ckpt)
     assert [r.step for r in cb2.reports] == [6]
     assert cb2._watcher.checks_done == 3
+    assert cb2._watcher.run == cb._watcher.run  # a resumed run keeps its id
 
 
 def test_state_key_tells_instances_apart():

@@ -131,3 +131,101 @@ def test_histograms_are_not_computed_when_no_sink_takes_them(tmp_path):
     w.open([TensorBoardSink(tmp_path / "tb")])
     w.write_histograms(0, lambda: calls.append(1) or {"w": [1.0, 2.0]})
     assert calls == [1]
+
+
+# --- runs: ids in every record, event counts as scalars -------------------------------------------
+
+
+def _jsonl_run(w: Watcher, first: int, bad_step: int) -> None:
+    """One short run through ``w``: norms at every step, a NaN (a ``nonfinite`` event) at one."""
+    w.open([])
+    w.start(SHAPES)
+    for step in range(first, first + 4):
+        bias = float("nan") if step == bad_step else 0.5
+        w.observe_norms(step, {"fc.weight": 1.0, "fc.bias": bias})
+    w.flush_health()
+    w.close()
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_jsonl_record_carries_the_run_id_and_each_fit_gets_a_new_one(tmp_path):
+    path = tmp_path / "gw.jsonl"
+    config = WatchConfig.create(log_every_n_steps=1, jsonl_path=str(path), on_nonfinite="ignore")
+    w = Watcher(config)
+    first = w.run
+    _jsonl_run(w, 0, bad_step=2)
+    records = _records(path)
+    assert {r["type"] for r in records} == {"meta", "norms", "event"}
+    assert records[0]["type"] == "meta" and all(r["run"] == first for r in records)
+    assert len(first) == 12 and int(first, 16) >= 0
+
+    w.reset()  # the next fit: a new run, a new id, a new meta record before its own records
+    assert w.run != first
+    _jsonl_run(w, 4, bad_step=5)
+    second = [r for r in _records(path) if r["run"] != first]
+    assert second[0]["type"] == "meta" and {r["run"] for r in second} == {w.run}
+    assert [r["event"]["step"] for r in second if r["type"] == "event"] == [5]
+
+
+def test_a_resumed_run_keeps_its_id_and_its_event_counts(tmp_path):
+    path = tmp_path / "gw.jsonl"
+    config = WatchConfig.create(log_every_n_steps=1, jsonl_path=str(path), on_nonfinite="ignore")
+    w = Watcher(config)
+    _jsonl_run(w, 0, bad_step=2)
+    state = w.state_dict()
+
+    resumed = Watcher(config)  # as a callback rebuilt from a checkpoint: reset, then restore
+    assert resumed.run != w.run
+    resumed.load_state_dict(state)
+    assert resumed.run == w.run and resumed.event_counts == {"nonfinite": 1}
+    _jsonl_run(resumed, 4, bad_step=5)
+    assert {r["run"] for r in _records(path)} == {w.run}
+    assert resumed.event_counts == {"nonfinite": 2}
+    (run,) = load(path)  # one run, whose events come from both halves
+    assert run.run_id == w.run and [e.step for e in run.events] == [2, 5]
+
+    resumed.load_state_dict({"checks_done": 0})  # a 0.1 checkpoint: no id, the run keeps its own
+    assert resumed.run == w.run
+
+
+def test_event_counts_are_scalars_that_inspect_does_not_take_for_norms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    w = _run([TensorBoardSink(tmp_path)])  # events: mismatch at step 2, nonfinite at step 6
+    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    acc.Reload()
+    counts = {
+        tag: [(t.step, float(t.tensor_proto.float_val[0])) for t in acc.Tensors(tag)]
+        for tag in acc.Tags()["tensors"]
+        if tag.startswith("gradwatch/events/")
+    }
+    assert counts == {
+        "gradwatch/events/mismatch": [(2, 1.0)],
+        "gradwatch/events/nonfinite": [(6, 1.0)],
+    }
+    assert w.event_counts == {"mismatch": 1, "nonfinite": 1}
+    (run,) = load(tmp_path)
+    assert set(run.norms) == {"fc.weight", "fc.bias", "global"}
+    assert run.run_id == w.run and run.meta["run"] == w.run
+
+
+def test_event_counts_run_on_across_steps_and_one_write_per_step(tmp_path):
+    written = []
+
+    class Counts(JsonlSink):
+        def write_event_counts(self, step, counts):
+            written.append((step, dict(counts)))
+
+    w = Watcher(WatchConfig.create(on_nonfinite="ignore", on_explode="ignore"))
+    w.open([Counts(tmp_path / "gw.jsonl")], log_every=0)
+    w.start(SHAPES)
+    w.observe_norms(0, {"fc.weight": float("nan"), "fc.bias": 1.0})
+    w.observe_norms(1, {"fc.weight": 1.0, "fc.bias": 1.0})
+    w.observe_norms(2, {"fc.weight": float("inf"), "fc.bias": 1.0})
+    w.observe_norms(3, {"fc.weight": 1e9, "fc.bias": 1e9})  # two tensors explode at once
+    w.flush_health()
+    assert written == [(0, {"nonfinite": 1}), (2, {"nonfinite": 2}), (3, {"exploding": 2})]
+    assert w.event_counts == {"nonfinite": 2, "exploding": 2}

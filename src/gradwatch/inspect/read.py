@@ -11,6 +11,14 @@ through :mod:`gradwatch.report`'s ``from_dict`` and the tag vocabulary of :mod:`
 Norms from logs gradwatch did not write (Lightning's ``grad_norm`` utility, tags
 ``grad_2.0_norm/<param>``) are recognised, and the health rules are applied to them after the fact.
 
+Runs: gradwatch 0.2 gives every training run an id (``run`` in each JSON-lines record and in the
+meta text of TensorBoard files; a meta record opens a run, and what follows belongs to it). A folder
+whose records carry at most one run id is one run, named by the folder, as before. A folder holding
+several (a second ``fit`` appending to the same ``jsonl_path``, two Keras ``fit`` calls writing to
+one ``log_dir``) gives one run per id, named ``<folder>#<run id>``, in the order they were written;
+records with no id there (0.1 logs, other tools' ``grad_norm`` scalars) form one more run, named by
+the folder.
+
 Example:
     >>> parse_grad_norm_tag("grad_2.0_norm/layer.weight")
     'layer.weight'
@@ -69,12 +77,14 @@ class RunData:
     """Everything read for one run.
 
     Attributes:
-        name: Path of the run folder relative to the inspected path (``"."`` for the path itself).
+        name: Path of the run folder relative to the inspected path (``"."`` for the path itself),
+            followed by ``#<run id>`` when the folder holds several runs.
         norms: Parameter → ``{step: gradient L2 norm}`` (``"global"`` included).
         rel_errors: Parameter → ``{step: worst relative error}`` (``"max"`` included).
         events: Recorded events, or, for foreign norms, events found by the health rules.
         meta: Shapes and thresholds written by gradwatch, if any.
         foreign: Norms came from logs gradwatch did not write.
+        run_id: The id gradwatch gave the run (``None`` for 0.1 and foreign logs).
     """
 
     name: str
@@ -83,6 +93,7 @@ class RunData:
     events: list[GradientEvent] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     foreign: bool = False
+    run_id: str | None = None
 
     @property
     def rtol(self) -> float:
@@ -116,6 +127,45 @@ class RunData:
         key = (event.step, event.kind, event.param, event.message)
         if all((e.step, e.kind, e.param, e.message) != key for e in self.events[-64:]):
             self.events.append(event)
+
+    def absorb(self, other: RunData) -> None:
+        """Take in the records of ``other``, written after this run's (its meta wins)."""
+        for target, source in ((self.norms, other.norms), (self.rel_errors, other.rel_errors)):
+            for name, series in source.items():
+                target.setdefault(name, {}).update(series)
+        for event in other.events:
+            self.add_event(event)
+        self.meta.update(other.meta)
+        self.foreign = self.foreign or other.foreign
+        self.run_id = self.run_id or other.run_id
+
+
+class _Runs:
+    """The runs of one folder, keyed by run id (``None``: records without one), in written order."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.by_id: dict[str | None, RunData] = {}
+
+    def get(self, run_id: Any) -> RunData:
+        key = None if run_id is None else str(run_id)
+        data = self.by_id.get(key)
+        if data is None:
+            data = self.by_id[key] = RunData(name=self.name, run_id=key)
+        return data
+
+    def runs(self) -> list[RunData]:
+        """One run when at most one id was seen (as 0.1 read it); else one per id."""
+        ids = [k for k in self.by_id if k is not None]
+        if len(ids) <= 1:
+            merged, *rest = self.by_id.values() or [RunData(name=self.name)]
+            for data in rest:  # in written order
+                merged.absorb(data)
+            return [merged]
+        for run_id, data in self.by_id.items():
+            if run_id is not None:
+                data.name = f"{self.name}#{run_id}"
+        return list(self.by_id.values())
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -161,7 +211,7 @@ def _tensor_value(tensor: Any) -> Any:
     return arr.reshape(-1)[0].item() if arr.size else None
 
 
-def _read_event_file(path: Path, run: RunData) -> None:
+def _read_event_file(path: Path, runs: _Runs) -> None:
     try:
         from tensorboard.compat.proto import event_pb2
     except ImportError as exc:  # pragma: no cover - the inspect extra brings it
@@ -170,6 +220,7 @@ def _read_event_file(path: Path, run: RunData) -> None:
         ) from exc
     from google.protobuf.message import DecodeError
 
+    run = runs.get(None)  # until a meta text names the run
     try:
         for payload in _iter_records(path):
             try:
@@ -186,7 +237,7 @@ def _read_event_file(path: Path, run: RunData) -> None:
                 elif kind == "tensor":
                     data = _tensor_value(value.tensor)
                     if isinstance(data, str):
-                        _add_text(run, value.tag, data, path)
+                        run = _add_text(runs, run, value.tag, data, path)
                     elif data is not None:
                         _add_scalar(run, value.tag, int(event.step), float(data))
     except (OSError, ValueError) as exc:
@@ -198,6 +249,8 @@ def _add_scalar(run: RunData, tag: str, step: int, value: float) -> None:
         run.norms.setdefault(tag[len(tags.NORM_PREFIX) :], {})[step] = value
     elif tag.startswith(tags.REL_ERROR_PREFIX):
         run.rel_errors.setdefault(tag[len(tags.REL_ERROR_PREFIX) :], {})[step] = value
+    elif tag.startswith(tags.EVENT_COUNT_PREFIX):
+        return  # running event counts: the event texts and records say more
     else:
         name = parse_grad_norm_tag(tag)
         if name is not None:
@@ -205,18 +258,23 @@ def _add_scalar(run: RunData, tag: str, step: int, value: float) -> None:
             run.norms.setdefault(name, {})[step] = value
 
 
-def _add_text(run: RunData, tag: str, text: str, path: Path) -> None:
+def _add_text(runs: _Runs, run: RunData, tag: str, text: str, path: Path) -> RunData:
+    """Add one text summary; returns the run that the file's next records belong to."""
     if tag.startswith(tags.EVENTS_TAG):
         try:
             run.add_event(GradientEvent.from_dict(json.loads(text)))
         except (ValueError, KeyError, TypeError):
             warnings.warn(f"{path}: an unreadable event text was skipped", stacklevel=4)
     elif tag.startswith(tags.META_TAG):
-        with contextlib.suppress(ValueError):
-            run.meta.update(json.loads(text))
+        with contextlib.suppress(ValueError, TypeError):
+            meta = dict(json.loads(text))
+            if meta.get("run") is not None:  # a meta text opens a run
+                run = runs.get(meta["run"])
+            run.meta.update(meta)
+    return run
 
 
-def _read_jsonl(path: Path, run: RunData) -> None:
+def _read_jsonl(path: Path, runs: _Runs) -> None:
     try:
         with path.open(encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -225,6 +283,7 @@ def _read_jsonl(path: Path, run: RunData) -> None:
                 try:
                     rec = json.loads(line)
                     kind = rec.get("type")
+                    run = runs.get(rec.get("run"))
                     if kind == "norms":
                         step = int(rec["step"])
                         for name, v in rec["values"].items():
@@ -251,7 +310,8 @@ def load(path: str | os.PathLike[str], *, run: str | None = None) -> list[RunDat
 
     Args:
         path: A run folder, a tree of runs, or a single event / JSON-lines file.
-        run: Keep runs whose path relative to ``path`` matches this glob.
+        run: Keep runs whose folder relative to ``path`` matches this glob; a glob with ``#``
+            is matched against ``<folder>#<run id>`` instead (``"*#3f9a*"``: one run by its id).
 
     Raises:
         InspectError: The path does not exist, or nothing readable with gradient data is there.
@@ -274,21 +334,25 @@ def load(path: str | os.PathLike[str], *, run: str | None = None) -> list[RunDat
             ]
             if chosen:
                 files[Path(dirpath)] = chosen
+    by_id = run is not None and "#" in run
     runs: list[RunData] = []
     for folder, paths in files.items():
         name = folder.relative_to(base).as_posix() if folder != base else "."
-        if run is not None and not fnmatch.fnmatch(name, run):
+        if run is not None and not by_id and not fnmatch.fnmatch(name, run):
             continue
-        data = RunData(name=name)
+        found = _Runs(name)
         for p in paths:
             if _is_event_file(p.name):
-                _read_event_file(p, data)
+                _read_event_file(p, found)
             else:
-                _read_jsonl(p, data)
-        if data.foreign and not data.events:
-            data.events = judge_foreign(data)
-        if data.has_data:
-            runs.append(data)
+                _read_jsonl(p, found)
+        for data in found.runs():
+            if by_id and not fnmatch.fnmatch(f"{name}#{data.run_id or ''}", run or ""):
+                continue
+            if data.foreign and not data.events:
+                data.events = judge_foreign(data)
+            if data.has_data:
+                runs.append(data)
     if not runs:
         what = "no run matches --run" if run is not None and files else "no gradient data"
         raise InspectError(f"{root}: {what} (gradwatch or Lightning grad_norm logs)")

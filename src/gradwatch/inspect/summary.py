@@ -71,7 +71,8 @@ def events_of(runs: Sequence[RunData], param: str | None) -> list[tuple[str, Gra
         for e in r.events
         if pattern is None or e.param == tags.GLOBAL_NAME or pattern.search(e.param)
     ]
-    return sorted(out, key=lambda x: (x[0], x[1].step))
+    order = {r.name: i for i, r in enumerate(runs)}  # the tables' order: a file's runs as written
+    return sorted(out, key=lambda x: (order[x[0]], x[1].step))
 
 
 def to_json(runs: Sequence[RunData], param: str | None = None) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Scalars go to every logger (``log_metrics``); histograms and texts (meta, events, schedule) only
 to TensorBoard loggers, whose ``experiment`` is a ``SummaryWriter`` — the base ``Logger`` has no
-place for them (events still reach every logger's scalars through the JSON lines and logging).
+place for them. Every logger gets the running event counts as scalars (``gradwatch/events/<kind>``),
+so a CSV-only run with failures never reads as clean; the events themselves also go to the JSON
+lines and ``logging``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class LoggersSink:
     def write_event(self, event: GradientEvent) -> None:
         for board in self._boards():
             board.add_text(tags.EVENTS_TAG, tags.event_text(event), event.step)
+
+    def write_event_counts(self, step: int, counts: Mapping[str, int]) -> None:
+        self._scalars(step, tags.event_count_scalars(counts))
 
     def write_schedule(self, step: int, text: str) -> None:
         for board in self._boards():

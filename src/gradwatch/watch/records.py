@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,27 @@ from gradwatch.watch.sinks import Sink
 if TYPE_CHECKING:
     from gradwatch.watch.watcher import Watcher
 
-__all__ = ["WatchRecords", "global_norm", "merge_rank_events", "write_event"]
+__all__ = [
+    "WatchRecords",
+    "global_norm",
+    "merge_rank_events",
+    "new_run_id",
+    "write_event",
+    "write_event_counts",
+]
+
+
+def new_run_id() -> str:
+    """A short unique id for one training run: 12 hex digits of a ``uuid4``.
+
+    ``uuid4`` draws from ``os.urandom``, so no random stream of Python, numpy or torch is touched.
+
+    Example:
+        >>> a, b = new_run_id(), new_run_id()
+        >>> len(a), a != b, int(a, 16) >= 0
+        (12, True, True)
+    """
+    return uuid.uuid4().hex[:12]
 
 
 def global_norm(norms: Mapping[str, float] | Iterable[float]) -> float:
@@ -64,6 +85,11 @@ def merge_rank_events(per_rank: Sequence[Sequence[GradientEvent]]) -> list[Gradi
 def write_event(sink: Sink, event: GradientEvent) -> None:
     """``sink.write_event(event)`` as a function (for ``functools.partial``)."""
     sink.write_event(event)
+
+
+def write_event_counts(sink: Sink, step: int, counts: Mapping[str, int]) -> None:
+    """``sink.write_event_counts(step, counts)`` as a function (for ``functools.partial``)."""
+    sink.write_event_counts(step, counts)
 
 
 class WatchRecords:

@@ -3,13 +3,18 @@
 The :class:`~gradwatch.watch.watcher.Watcher` is the only caller: it decides what is written,
 when, and on which rank, and hands every record to each of its sinks. A sink only formats.
 
-* :class:`JsonlSink`: one JSON record per line — ``{"type": "meta", ...}``,
-  ``{"type": "norms", "step", "values": {param: norm}, "global"}``,
-  ``{"type": "report", "step", "report": CheckReport.to_dict()}``,
-  ``{"type": "event", "step", "event": GradientEvent.to_dict()}``,
-  ``{"type": "schedule", "step", "text"}``.
+* :class:`JsonlSink`: one JSON record per line — ``{"type": "meta", "run", ...}``,
+  ``{"type": "norms", "run", "step", "values": {param: norm}, "global"}``,
+  ``{"type": "report", "run", "step", "report": CheckReport.to_dict()}``,
+  ``{"type": "event", "run", "step", "event": GradientEvent.to_dict()}``,
+  ``{"type": "schedule", "run", "step", "text"}``.
 * :class:`TensorBoardSink`: TensorBoard event files, no TensorFlow needed.
 * Lightning's loggers: :class:`gradwatch.lightning.sinks.LoggersSink`.
+
+Runs: the meta record opens a run and carries its id (``meta["run"]``, see
+:meth:`Watcher.meta <gradwatch.watch.watcher.Watcher.meta>`); every record after it belongs to that
+run. :class:`JsonlSink` copies the id into each record, since several runs may append to one file;
+TensorBoard has it in the meta text only (its runs are told apart by file and folder).
 
 Both files are readable by ``gradwatch inspect``.
 """
@@ -56,13 +61,13 @@ def require_tensorboard(argument: str) -> None:
 class Sink(Protocol):
     """What the watcher writes through. Every method is called on the writing rank only.
 
-    To add a sink, implement these eight methods (a no-op is fine where a record has no place)
+    To add a sink, implement these nine methods (a no-op is fine where a record has no place)
     and pass it to :meth:`Watcher.open <gradwatch.watch.watcher.Watcher.open>`. A sink may also
     say ``wants_histograms = False``: the watcher then spares the host copies of the gradients.
     """
 
     def write_meta(self, step: int, meta: Mapping[str, Any]) -> None:
-        """The run's shapes and thresholds, once, before any other record."""
+        """The run's id (``meta["run"]``), shapes and thresholds, once, before any other record."""
         ...
 
     def write_norms(self, step: int, norms: Mapping[str, float], global_norm: float) -> None:
@@ -79,6 +84,10 @@ class Sink(Protocol):
 
     def write_event(self, event: GradientEvent) -> None:
         """One event."""
+        ...
+
+    def write_event_counts(self, step: int, counts: Mapping[str, int]) -> None:
+        """After the events of a step: the run's count so far of each kind that had one there."""
         ...
 
     def write_schedule(self, step: int, text: str) -> None:
@@ -111,26 +120,32 @@ class JsonlSink:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._fh: IO[str] | None = None
+        #: The id of the run being written (from the last meta record), copied into every record.
+        self.run: str | None = None
 
-    def _write(self, record: Mapping[str, Any]) -> None:
+    def _write(self, kind: str, fields: Mapping[str, Any]) -> None:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = self.path.open("a", encoding="utf-8")
+        record = {"type": kind, "run": self.run} if self.run is not None else {"type": kind}
+        record.update(fields)
         self._fh.write(json.dumps(record, allow_nan=False) + "\n")
 
     def write_meta(self, step: int, meta: Mapping[str, Any]) -> None:
-        """The run's meta record (shapes, thresholds)."""
-        self._write({"type": "meta", **meta})
+        """The run's meta record (id, shapes, thresholds); the id goes into every later record."""
+        run = meta.get("run")
+        self.run = None if run is None else str(run)
+        self._write("meta", meta)
 
     def write_norms(self, step: int, norms: Mapping[str, float], global_norm: float) -> None:
         """One norms record."""
         self._write(
+            "norms",
             {
-                "type": "norms",
                 "step": int(step),
                 "values": {k: json_float(v) for k, v in norms.items()},
                 "global": json_float(global_norm),
-            }
+            },
         )
 
     def write_histograms(self, step: int, values: Mapping[str, npt.ArrayLike]) -> None:
@@ -139,15 +154,19 @@ class JsonlSink:
 
     def write_report(self, report: CheckReport) -> None:
         """One report record."""
-        self._write({"type": "report", "step": report.step, "report": report.to_dict()})
+        self._write("report", {"step": report.step, "report": report.to_dict()})
 
     def write_schedule(self, step: int, text: str) -> None:
         """One schedule record: when the next check is due and why."""
-        self._write({"type": "schedule", "step": int(step), "text": text})
+        self._write("schedule", {"step": int(step), "text": text})
 
     def write_event(self, event: GradientEvent) -> None:
         """One event record."""
-        self._write({"type": "event", "step": event.step, "event": event.to_dict()})
+        self._write("event", {"step": event.step, "event": event.to_dict()})
+
+    def write_event_counts(self, step: int, counts: Mapping[str, int]) -> None:
+        """Nothing: the event records themselves are the count."""
+        return None
 
     def flush(self) -> None:
         """Flush to disk."""
@@ -200,7 +219,7 @@ class TensorBoardSink:
 
     # -- the Sink protocol ---------------------------------------------------------------------
     def write_meta(self, step: int, meta: Mapping[str, Any]) -> None:
-        """Meta as a text summary, and the custom-scalars layout."""
+        """Meta (the run id among it) as a text summary, and the custom-scalars layout."""
         self.text(tags.META_TAG, json.dumps(dict(meta)), step)
         self.layout()
 
@@ -220,6 +239,10 @@ class TensorBoardSink:
     def write_event(self, event: GradientEvent) -> None:
         """The event's JSON as a text summary."""
         self.text(tags.EVENTS_TAG, tags.event_text(event), event.step)
+
+    def write_event_counts(self, step: int, counts: Mapping[str, int]) -> None:
+        """Running counts as scalars ``gradwatch/events/<kind>``."""
+        self.scalars(step, tags.event_count_scalars(counts))
 
     def write_schedule(self, step: int, text: str) -> None:
         """The schedule decision as a text summary."""

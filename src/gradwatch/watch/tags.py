@@ -26,6 +26,8 @@ __all__ = [
     "PREFIX",
     "SCHEDULE_TAG",
     "custom_scalars_layout",
+    "event_count_scalars",
+    "event_count_tag",
     "event_text",
     "hist_tag",
     "norm_scalars",
@@ -44,6 +46,8 @@ MAX_NAME = "max"
 GLOBAL_NORM_TAG = f"{NORM_PREFIX}{GLOBAL_NAME}"
 MAX_REL_ERROR_TAG = f"{REL_ERROR_PREFIX}{MAX_NAME}"
 EVENTS_TAG = f"{PREFIX}/events"
+#: Scalars ``gradwatch/events/<kind>``: how many events of that kind the run has had so far.
+EVENT_COUNT_PREFIX = f"{EVENTS_TAG}/"
 #: Text summary written once per run: parameter shapes and the thresholds in force (JSON).
 META_TAG = f"{PREFIX}/meta"
 #: Text summary after each check: when the next check is due and why.
@@ -63,6 +67,21 @@ def rel_error_tag(param: str) -> str:
 def hist_tag(param: str) -> str:
     """Histogram tag of a parameter's gradient values."""
     return f"{HIST_PREFIX}{param}"
+
+
+def event_count_tag(kind: str) -> str:
+    """Scalar tag of the running count of one kind of event."""
+    return f"{EVENT_COUNT_PREFIX}{kind}"
+
+
+def event_count_scalars(counts: Mapping[str, int]) -> dict[str, float]:
+    """Running event counts per kind as ``{tag: value}`` (so loggers without texts see events).
+
+    Example:
+        >>> event_count_scalars({"exploding": 2})
+        {'gradwatch/events/exploding': 2.0}
+    """
+    return {event_count_tag(kind): float(n) for kind, n in counts.items()}
 
 
 def norm_scalars(norms: Mapping[str, float], global_norm: float) -> dict[str, float]:

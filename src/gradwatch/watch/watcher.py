@@ -39,7 +39,14 @@ from gradwatch.core.sampling import round_robin
 from gradwatch.core.schedule import BudgetSchedule, Schedule, make_schedule
 from gradwatch.options import WatchConfig
 from gradwatch.report import CheckReport, GradientEvent
-from gradwatch.watch.records import WatchRecords, global_norm, merge_rank_events, write_event
+from gradwatch.watch.records import (
+    WatchRecords,
+    global_norm,
+    merge_rank_events,
+    new_run_id,
+    write_event,
+    write_event_counts,
+)
 from gradwatch.watch.sinks import JsonlSink, Sink
 
 __all__ = [
@@ -87,7 +94,10 @@ class Watcher:
         self.reset()
 
     def reset(self) -> None:
-        """A fresh run: records, schedule, health rules and the check switch as constructed."""
+        """A fresh run: a new run id; records, schedule, health rules, check switch as constructed."""
+        #: This run's id, in every record (a resumed run gets it back from ``load_state_dict``).
+        self.run = new_run_id()
+        self._event_counts: dict[str, int] = {}
         self._warned: set[str] = set()
         self.schedule: Schedule = make_schedule(
             self.config.check_every_n_steps, self.config.max_overhead
@@ -186,12 +196,13 @@ class Watcher:
                 self.health.load_state_dict(pending)
 
     def meta(self) -> dict[str, Any]:
-        """Shapes and thresholds of this run, written once so ``inspect`` can judge the norms."""
+        """Id, shapes and thresholds of this run, written first so ``inspect`` can judge the norms."""
         from gradwatch.core.finite_diff import tolerances_for
 
         dtype = self.config.dtype or "float32"
         th = self.config.thresholds
         return {
+            "run": self.run,
             "shapes": dict(self.shapes),
             "vanish_threshold": th.vanish_threshold,
             "explode_threshold": th.explode_threshold,
@@ -220,6 +231,11 @@ class Watcher:
         """Events, the first :data:`MAX_EVENTS` of them (``events_dropped`` counts the rest)."""
         return list(self._events)
 
+    @property
+    def event_counts(self) -> dict[str, int]:
+        """Events of this run per kind, all of them (beyond :data:`MAX_EVENTS` too)."""
+        return dict(self._event_counts)
+
     def _record(self, events: Sequence[GradientEvent], report: CheckReport | None = None) -> Action:
         for e in events:
             if len(self._events) < MAX_EVENTS:
@@ -227,7 +243,18 @@ class Watcher:
             else:
                 self.events_dropped += 1
             self._write(functools.partial(write_event, event=e), e.step)
+        if events:
+            self._count(events)
         return dispatch(events, self.config.policies, report, announce=self.writer)
+
+    def _count(self, events: Sequence[GradientEvent]) -> None:
+        """Running counts per kind, written at each step that had events (scalars for loggers)."""
+        at_step: dict[int, dict[str, int]] = {}
+        for e in events:
+            n = self._event_counts[e.kind] = self._event_counts.get(e.kind, 0) + 1
+            at_step.setdefault(e.step, {})[e.kind] = n
+        for step, counts in at_step.items():
+            self._write(functools.partial(write_event_counts, step=step, counts=counts), step)
 
     def warn_once(self, key: str, message: str) -> None:
         """One ``UserWarning`` (and a log line) per ``key`` for what gradwatch had to skip."""
@@ -442,8 +469,10 @@ class Watcher:
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Resumable state: schedule position, patience counters, counts."""
+        """Resumable state: run id, schedule position, patience counters, counts."""
         return {
+            "run": self.run,
+            "event_counts": dict(self._event_counts),
             "schedule": self.schedule.state_dict(),
             "health": self.health.state_dict() if self.health is not None else None,
             "checks_done": self.checks_done,
@@ -460,6 +489,11 @@ class Watcher:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (the constructor's arguments always win)."""
+        run = state.get("run")  # 0.1 checkpoints have none: the run keeps its new id
+        if run is not None and str(run) != self.run:
+            self.run = str(run)
+            self._meta_written = False  # the next record announces the resumed run
+        self._event_counts = {str(k): int(v) for k, v in (state.get("event_counts") or {}).items()}
         self.schedule.load_state_dict(dict(state.get("schedule", {})))
         self.checks_done = int(state.get("checks_done", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
