@@ -56,3 +56,12 @@ def test_default_schedule_is_agreed_across_ranks(tmp_path):
     assert ranks[0]["checks"] == ranks[1]["checks"]
     assert ranks[0]["checks"][0] == 0
     assert ranks[0]["events"] == [] and ranks[1]["events"] == []
+
+
+def test_nonfinite_halt_is_agreed_and_skips_the_update_on_both_ranks(tmp_path):
+    code, ranks = run("nan", tmp_path)
+    assert code == 0
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 5
+    assert ranks[0]["finite"] and ranks[1]["finite"]
+    for r in (0, 1):
+        assert [(e["kind"], e["step"]) for e in ranks[r]["events"]] == [("nonfinite", 4)]

@@ -80,6 +80,20 @@ def test_halt_skips_the_nonfinite_update_and_the_last_checkpoint_stays_finite(tm
     assert finite(v for s in last["optimizer_states"][0]["state"].values() for v in s.values())
 
 
+def test_halt_puts_back_the_batchnorm_statistics_the_bad_forward_pass_changed():
+    module = Standardised(MLP(batchnorm=True), optimizer="sgd", lr=0.05)
+    cb = GradWatch(enable_checks=False)
+    t = trainer(callbacks=[cb], max_epochs=1)
+    t.fit(module, constant_batch_loader())
+    assert t.global_step == BAD_BATCH + 1
+    buffers = dict(module.named_buffers())
+    assert any("running_mean" in n for n in buffers)
+    assert finite(buffers.values())
+    # The statistics are those after the last good step: BAD_BATCH batches counted, not more.
+    counts = [int(b) for n, b in buffers.items() if n.endswith("num_batches_tracked")]
+    assert counts and all(c == BAD_BATCH for c in counts)
+
+
 def test_raise_leaves_the_weights_as_before_the_bad_step():
     module = Standardised(MLP(), optimizer="sgd", lr=0.05)
     cb = GradWatch(enable_checks=False, on_nonfinite="raise")

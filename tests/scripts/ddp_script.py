@@ -1,6 +1,6 @@
 """Standalone DDP run for tests/test_lightning_ddp.py (Lightning re-launches this file per rank).
 
-Usage: python tests/scripts/ddp_script.py MODE OUTDIR, MODE in {halt, raise, budget}.
+Usage: python tests/scripts/ddp_script.py MODE OUTDIR, MODE in {halt, raise, budget, nan}.
 Writes OUTDIR/rank{R}.json with what that rank saw.
 """
 
@@ -33,22 +33,35 @@ class RankBug(nn.Module):
         return ScaledGradFn.apply(x, self.weight, 0.9 if rank == 1 else 1.0)
 
 
+class NaNOnRank1(Classifier):
+    """Rank 1's loss is NaN at step 4: DDP's averaged gradients are NaN on both ranks."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step == 4 and self.trainer.global_rank == 1:
+            loss = loss * float("nan")
+        return loss
+
+
 def main() -> None:
     mode, outdir = sys.argv[1], Path(sys.argv[2])
     torch.manual_seed(0)
-    buggy = mode != "budget"
+    buggy = mode in ("halt", "raise")
     first = RankBug() if buggy else nn.Linear(12, 16)
     net = nn.Sequential(first, nn.Tanh(), nn.BatchNorm1d(16), nn.Linear(16, 4))
     if mode == "budget":
         cb = GradWatch(max_overhead=0.5)
+    elif mode == "nan":
+        cb = GradWatch(enable_checks=False)  # on_nonfinite="halt"
     else:
         cb = GradWatch(check_every_n_steps=3, on_mismatch=mode)
     t = trainer(
         callbacks=[cb], devices=2, strategy="ddp", max_steps=12, max_epochs=50, deterministic=False
     )
     record: dict[str, object] = {}
+    module = NaNOnRank1(net) if mode == "nan" else Classifier(net)
     try:
-        t.fit(Classifier(net), loader(n=256, batch_size=8))
+        t.fit(module, loader(n=256, batch_size=8))
     except GradientCheckError as exc:
         record["raised"] = str(exc)
     rank = int(os.environ.get("LOCAL_RANK", t.global_rank))
@@ -58,6 +71,7 @@ def main() -> None:
         events=[e.to_dict() for e in cb.events],
         checks=[r.step for r in cb.reports],
         verdicts=[r.verdict for r in cb.reports],
+        finite=all(bool(torch.isfinite(p).all()) for p in module.parameters()),
     )
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / f"rank{rank}.json").write_text(json.dumps(record))

@@ -52,3 +52,24 @@ def test_optimizer_unscales_itself_is_what_grad_scaler_reads():
     fused = torch.optim.SGD(p, lr=0.1)
     fused._step_supports_amp_scaling = True  # what fused=True sets (fused needs a GPU here)
     assert _compat.optimizer_unscales_itself(fused) is True
+
+
+def test_running_stat_buffers_are_what_a_train_forward_pass_updates():
+    model = nn.Sequential(
+        nn.Linear(2, 3),
+        nn.BatchNorm1d(3),
+        nn.InstanceNorm1d(3, track_running_stats=False),
+        nn.BatchNorm1d(3, track_running_stats=False),
+    )
+    stats = _compat.running_stat_buffers(model)
+    bn = model[1]
+    assert [id(b) for b in stats] == [
+        id(bn.running_mean),
+        id(bn.running_var),
+        id(bn.num_batches_tracked),
+    ]
+    saved = [b.clone() for b in stats]
+    model.train()(torch.randn(4, 2))
+    assert int(bn.num_batches_tracked) == 1 and not torch.equal(bn.running_mean, saved[0])
+    _compat.copy_tensors(stats, saved)
+    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, saved[0])

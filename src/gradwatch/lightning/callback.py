@@ -125,6 +125,9 @@ class GradWatch(WatchRecords, Callback):
         # Health actions that can stop training are agreed across ranks.
         self._agree = any(policies[k] in stops for k in ("on_vanish", "on_explode", "on_nonfinite"))
         self._limits: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+        self._stats: list[torch.Tensor] = []
+        self._saved_stats: list[torch.Tensor] = []
+        self._snapshot_due = True
         self._step_rows: list[tuple[tuple[str, ...], torch.Tensor]] = []
         self._rows: list[torch.Tensor] = []
         self._row_steps: list[int] = []
@@ -186,6 +189,11 @@ class GradWatch(WatchRecords, Callback):
             )
         self._norms = GradNorms(params)
         self._limits.clear()
+        # Running statistics a skipped update must not keep (a NaN batch corrupts them in the
+        # forward pass, before any optimizer step): snapshot at each accumulation window's start.
+        self._stats = torch_compat.running_stat_buffers(pl_module) if self._guard else []
+        self._saved_stats = []
+        self._snapshot_due = True
         self._step_rows, self._rows, self._row_steps, self._row_names = [], [], [], ()
         w.start({n: tuple(p.shape) for n, p in params})
         self._rerun = Rerun(trainer, pl_module, self.config, self.loss_fn)
@@ -194,12 +202,19 @@ class GradWatch(WatchRecords, Callback):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._stepped = False
+        if self._stats and self._snapshot_due:
+            if len(self._saved_stats) != len(self._stats):
+                self._saved_stats = [b.detach().clone() for b in self._stats]
+            else:
+                torch_compat.copy_tensors(self._saved_stats, self._stats)
+            self._snapshot_due = False
         self._t_start = time.perf_counter()
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._stepped = True
+        self._snapshot_due = True  # the next batch opens a new accumulation window
         w = self._watcher
         step = _compat.optimizer_step(trainer)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -277,6 +292,8 @@ class GradWatch(WatchRecords, Callback):
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
+            if self._saved_stats:  # and the running statistics as they were before this step
+                torch_compat.copy_tensors(self._stats, self._saved_stats)
         self._act(trainer, action)
 
     def on_train_batch_end(

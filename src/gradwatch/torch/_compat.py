@@ -14,10 +14,12 @@ from torch import nn
 
 __all__ = [
     "compiled_original",
+    "copy_tensors",
     "foreach_norm",
     "module_buffer_slots",
     "module_parameter_slots",
     "optimizer_unscales_itself",
+    "running_stat_buffers",
     "set_module_buffer",
 ]
 
@@ -71,3 +73,31 @@ def optimizer_unscales_itself(optimizer: torch.optim.Optimizer) -> bool:
     gradients seen before ``step()`` are still scaled.
     """
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def running_stat_buffers(module: nn.Module) -> list[torch.Tensor]:
+    """The running statistics a forward pass in train mode updates (BatchNorm, SyncBatchNorm,
+    InstanceNorm with ``track_running_stats``): ``running_mean``, ``running_var``,
+    ``num_batches_tracked``.
+
+    Read from torch 2.2-2.13 (``torch.nn.modules.batchnorm._NormBase``).
+    """
+    from torch.nn.modules.batchnorm import _NormBase
+
+    out: list[torch.Tensor] = []
+    for m in module.modules():
+        if isinstance(m, _NormBase) and m.track_running_stats:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                b = getattr(m, name, None)
+                if isinstance(b, torch.Tensor):
+                    out.append(b)
+    return out
+
+
+def copy_tensors(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for all, fused per device/dtype (``torch._foreach_copy_``).
+
+    Read from torch 2.2-2.13.
+    """
+    if dst:
+        torch._foreach_copy_(list(dst), list(src))
