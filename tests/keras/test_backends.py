@@ -49,3 +49,7 @@ def test_core_checks_on_backend(backend, tmp_path):
     assert result["callback"]["verdicts"] == ["pass", "pass"]
     assert result["callback"]["steps"] == [1, 3]
     assert result["callback"]["norms_logged"] is (backend == "torch")
+    if backend == "torch":
+        # The guard: the NaN batch's update skipped, fit halted on its step.
+        assert result["nan"]["events"] == [["nonfinite", 3]]
+        assert result["nan"]["finite"] and result["nan"]["iterations"] == 2

@@ -62,6 +62,22 @@ def main() -> None:
         "steps": [r.step for r in cb.reports],
         "norms_logged": "gradwatch_grad_norm" in hist.history,
     }
+    # A NaN batch: on the torch backend the guard skips its update (one boolean read per step)
+    # and fit halts on that step; the weights stay finite.
+    keras.utils.set_random_seed(0)
+    model = km.mlp()
+    x, y = km.data("mlp", n=16 * 8)
+    x[16 * 2 : 16 * 3] = np.nan
+    cb = GradWatch(enable_checks=False)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    out["nan"] = {
+        "events": [(e.kind, e.step) for e in cb.events],
+        "iterations": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+        "finite": all(
+            bool(np.isfinite(keras.ops.convert_to_numpy(v.value)).all())
+            for v in model.trainable_variables
+        ),
+    }
     Path(sys.argv[1]).write_text(json.dumps(out))
 
 
