@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "EVENT_KINDS",
     "CheckReport",
     "EntryResult",
     "EventKind",
@@ -24,7 +25,17 @@ __all__ = [
 
 Verdict = Literal["pass", "fail", "inconclusive"]
 Status = Literal["ok", "mismatch", "disconnected", "kink", "zero"]
-EventKind = Literal["mismatch", "disconnected", "vanishing", "exploding", "nonfinite"]
+EventKind = Literal["mismatch", "disconnected", "vanishing", "exploding", "nonfinite", "unchecked"]
+
+#: Every event kind, in the order the docs list them.
+EVENT_KINDS: tuple[str, ...] = (
+    "mismatch",
+    "disconnected",
+    "vanishing",
+    "exploding",
+    "nonfinite",
+    "unchecked",
+)
 
 STATUSES: tuple[str, ...] = ("ok", "mismatch", "disconnected", "kink", "zero")
 
@@ -117,7 +128,8 @@ class GradientEvent:
 
     Attributes:
         step: Optimizer step the observation belongs to.
-        kind: ``mismatch``, ``disconnected``, ``vanishing``, ``exploding`` or ``nonfinite``.
+        kind: ``mismatch``, ``disconnected``, ``vanishing``, ``exploding``, ``nonfinite`` or
+            ``unchecked`` (a check that could not run, or could not judge: nothing was verified).
         param: Parameter name, or ``"global"``.
         value: The measured quantity (relative error, gradient RMS, ...).
         threshold: The threshold it crossed.
@@ -172,7 +184,8 @@ class CheckReport:
         verdict: ``pass``, ``fail`` or ``inconclusive`` (too few entries carried information).
         max_rel_error: Worst relative error over conclusive entries, ``None`` if none was.
         results: Every entry checked, kinks and zeros included.
-        events: One event per failing tensor (``mismatch``/``disconnected``), or ``nonfinite``.
+        events: One event per failing tensor (``mismatch``/``disconnected``), or ``nonfinite``
+            or ``unchecked`` (why the check could not judge).
         mode: ``coordinate`` or ``directional``.
         dtype: The dtype the check computed in.
         rtol: The tolerance the relative errors were judged against.

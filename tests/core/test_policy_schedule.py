@@ -35,6 +35,16 @@ def test_policy_for_maps_kinds():
         assert policy_for(GradientEvent(1, kind, "p", 0.0, 0.0, "m"), pols) == want
 
 
+@pytest.mark.parametrize("policy", ["ignore", "warn", "halt", "raise"])
+def test_unchecked_always_warns_and_never_halts_or_raises(policy):
+    pols = {k: policy for k in ("on_mismatch", "on_vanish", "on_explode", "on_nonfinite")}
+    event = GradientEvent(3, "unchecked", "global", float("nan"), float("nan"), "no loss: do this")
+    assert policy_for(event, pols) == "warn"
+    with pytest.warns(GradientHealthWarning, match="step 3: unchecked: no loss: do this"):
+        action = dispatch([event], pols)
+    assert not action.halt and action.error is None
+
+
 def test_dispatch_ignore_logs_only(caplog):
     with warnings.catch_warnings():
         warnings.simplefilter("error")

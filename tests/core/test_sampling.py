@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -81,9 +83,29 @@ def test_random_direction_is_unit_and_shaped():
 def test_round_robin_visits_every_tensor_within_a_few_checks():
     n, budget = 10, 4
     seen = set()
-    for k in range(3):
+    for k in range(math.ceil(n / budget)):
         window = round_robin(n, budget, k)
-        assert len(window) == budget
+        assert 0 < len(window) <= budget
         seen.update(window)
     assert seen == set(range(n))
     assert round_robin(3, 4, 5) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("n", "budget"), [(67, 32), (10, 4), (100, 7), (33, 32), (64, 32)])
+def test_round_robin_spans_the_depth_of_the_model_in_every_check(n, budget):
+    # A wrong backward shows in every tensor upstream of it: each check must hold tensors near the
+    # input, in the middle and near the loss, so it can say where the bug is (DESIGN §1).
+    period = math.ceil(n / budget)
+    windows = [round_robin(n, budget, k) for k in range(period)]
+    assert set().union(*windows) == set(range(n))  # every tensor within ceil(n / budget) checks
+    for k, window in enumerate(windows):
+        assert len(window) <= budget and window == sorted(window)
+        assert window[0] < period  # first part
+        assert window[-1] >= n - period  # last part
+        assert any(n // 3 <= i < 2 * n // 3 for i in window)  # middle
+        assert round_robin(n, budget, k + period) == window  # then round again
+
+
+def test_round_robin_first_check_of_a_67_tensor_transformer():
+    first = round_robin(67, 32, 0)
+    assert first[0] == 0 and 33 in first and first[-1] == 66

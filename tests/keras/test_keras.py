@@ -300,12 +300,77 @@ def test_include_on_a_model_built_during_fit_is_judged_at_the_first_check():
 
     model = Sub()
     model.compile(optimizer="sgd", loss="mse")
-    cb = GradWatch(include="conv", check_every_n_steps=1)
-    with pytest.warns(UserWarning, match="include/exclude left no variable to check"):
+    cb = GradWatch(include="conv", check_every_n_steps=1, on_mismatch="raise")
+    with pytest.warns(GradientHealthWarning, match="include/exclude left no variable to check"):
         model.fit(
-            np.ones((4, 3), "float32"), np.zeros((4, 2), "float32"), callbacks=[cb], verbose=0
+            np.ones((8, 3), "float32"),
+            np.zeros((8, 2), "float32"),
+            batch_size=4,
+            callbacks=[cb],
+            verbose=0,
         )
     assert cb.reports == []
+    (event,) = cb.events  # an unchecked event at the first step, not a raise; once
+    assert (event.step, event.kind) == (1, "unchecked")
+    assert "model built during fit" in event.message and "include/exclude" in event.message
+
+
+def test_a_second_fit_in_which_no_check_ran_ends_with_one_unchecked_event(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = km.mlp()
+    x, y = km.data("mlp", n=64)
+    path = tmp_path / "gw.jsonl"
+    cb = GradWatch(check_every_n_steps=1000, on_mismatch="raise", jsonl_path=str(path))
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    assert [r.step for r in cb.reports] == [1] and cb.events == []  # the first step is checked
+    # The optimizer's count goes on (steps 5..8): a period of 1000 puts none of them on the schedule.
+    with pytest.warns(GradientHealthWarning, match="no gradient check ran"):
+        model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    assert cb.reports == []
+    (event,) = cb.events
+    assert (event.step, event.kind) == (8, "unchecked")
+    assert "4 optimizer steps" in event.message and "check_every_n_steps=4 or less" in event.message
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["event"]["kind"] for r in records if r["type"] == "event"] == ["unchecked"]
+
+
+def test_a_batch_xla_cannot_keep_is_an_unchecked_event():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((None, 3)), keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)]
+    )
+    model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    x, y = np.random.rand(16, 4, 3).astype("float32"), np.zeros((16, 2), "float32")
+
+    def rows():  # sequences of varying length: no fixed per-row shape to pad to
+        for i in range(4):
+            yield x[4 * i : 4 * i + 4, : 3 + i % 2], y[4 * i : 4 * i + 4]
+
+    spec = (tf.TensorSpec((None, None, 3), tf.float32), tf.TensorSpec((None, 2), tf.float32))
+    data = tf.data.Dataset.from_generator(rows, output_signature=spec)
+    cb = GradWatch(check_every_n_steps=1, on_mismatch="raise")
+    with pytest.warns(GradientHealthWarning, match="jit_compile=True") as caught:
+        model.fit(data, epochs=1, callbacks=[cb], verbose=0)
+    assert len([w for w in caught if "unchecked" in str(w.message)]) == 1
+    assert cb.reports == []
+    (event,) = cb.events
+    assert event.kind == "unchecked" and "data=(x, y)" in event.message
+
+
+def test_assert_gradients_raises_on_inconclusive_unless_allowed():
+    keras.utils.set_random_seed(0)
+    dead = keras.layers.Dense(
+        2, activation="relu", bias_initializer=keras.initializers.Constant(-1e3)
+    )
+    model = keras.Sequential([keras.Input((3,)), dead])
+    model.compile(optimizer="sgd", loss="mse")  # every ReLU is off: every gradient is exactly zero
+    x, y = np.ones((4, 3), "float32"), np.ones((4, 2), "float32")
+    with pytest.raises(GradientCheckError, match="inconclusive, so nothing was verified") as info:
+        assert_gradients(model, x, y)
+    assert info.value.report.verdict == "inconclusive"
+    assert "zero" in str(info.value) and "allow_inconclusive=True" in str(info.value)
+    report = assert_gradients(model, x, y, allow_inconclusive=True)
+    assert report.verdict == "inconclusive"
 
 
 def test_vanishing_and_exploding():

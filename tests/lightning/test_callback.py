@@ -297,9 +297,11 @@ def test_training_step_returning_none_skips_that_check_only():
             return None if batch_idx == 0 else loss
 
     cb = GradWatch(check_every_n_steps=1)
-    with pytest.warns(UserWarning, match="returned None"):
+    with pytest.warns(GradientHealthWarning, match="returned None"):
         fit(SometimesNone(MLP()), cb)
     assert cb.reports and cb.reports[0].step >= 1
+    (event,) = [e for e in cb.events if e.kind == "unchecked"]  # once, however many skips
+    assert "training_step returned None" in event.message and "return the loss" in event.message
 
 
 def test_training_step_that_touches_optimizers_turns_checks_off_not_training():
@@ -309,10 +311,63 @@ def test_training_step_that_touches_optimizers_turns_checks_off_not_training():
             return super().training_step(batch, batch_idx)
 
     cb = GradWatch(check_every_n_steps=1, log_every_n_steps=1, jsonl_path=None)
-    with pytest.warns(UserWarning, match="checks are switched off"):
+    with pytest.warns(GradientHealthWarning, match="checks are switched off"):
         t = fit(PeeksAtOptimizer(MLP()), cb)
     assert cb.reports == [] and t.global_step == 8
     assert "gradwatch/grad_norm/global" in t.callback_metrics  # norms go on
+    # Never silent: one unchecked event with the reason and the fix, and no "no check ran" after.
+    assert [(e.step, e.kind) for e in cb.events] == [(0, "unchecked")]
+    assert "self.optimizers()" in cb.events[0].message and "loss_fn" in cb.events[0].message
+
+
+def test_a_step_that_cannot_be_rerun_is_an_unchecked_event_in_every_sink_never_raised(tmp_path):
+    import json
+
+    class PeeksAtOptimizer(Classifier):
+        def training_step(self, batch, batch_idx):
+            self.optimizers()
+            return super().training_step(batch, batch_idx)
+
+    path = tmp_path / "gw.jsonl"
+    cb = GradWatch(check_every_n_steps=1, on_mismatch="raise", jsonl_path=str(path))
+    logger = CSVLogger(tmp_path, name="csv")
+    with pytest.warns(GradientHealthWarning, match="unchecked") as caught:
+        t = fit(PeeksAtOptimizer(MLP()), cb, logger=logger, log_every_n_steps=1)
+    assert t.global_step == 8  # on_mismatch="raise" neither raised nor halted
+    assert len([w for w in caught if "unchecked" in str(w.message)]) == 1  # warned once
+    assert [e.kind for e in cb.events] == ["unchecked"]
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    (event,) = [r for r in records if r["type"] == "event"]
+    assert event["event"]["kind"] == "unchecked" and "cannot be re-run" in event["event"]["message"]
+    logger.save()
+    csv = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "gradwatch/events/unchecked" in csv.splitlines()[0]
+
+
+def test_a_run_in_which_no_check_ran_ends_with_one_unchecked_event(tmp_path):
+    # gradwatch added to a resumed run whose fixed period puts no step of it on the schedule.
+    torch.manual_seed(0)
+    t = trainer(max_steps=3, enable_checkpointing=True, default_root_dir=tmp_path)
+    t.fit(Classifier(MLP()), loader())
+    ckpt = tmp_path / "plain.ckpt"
+    t.save_checkpoint(ckpt)
+    cb = GradWatch(check_every_n_steps=1000, on_mismatch="raise")
+    t2 = trainer(callbacks=[cb], max_steps=8, max_epochs=3)
+    with pytest.warns(GradientHealthWarning, match="no gradient check ran"):
+        t2.fit(Classifier(MLP()), loader(), ckpt_path=ckpt)
+    assert cb.reports == []
+    (event,) = cb.events
+    assert (event.kind, event.step) == ("unchecked", 7)
+    assert "5 optimizer steps" in event.message and "check_every_n_steps=5" in event.message
+
+
+def test_a_run_with_checks_ends_without_an_unchecked_event():
+    cb = GradWatch(check_every_n_steps=1000)
+    fit(Classifier(MLP()), cb)
+    assert len(cb.reports) == 1 and cb.events == []
+    quiet = GradWatch(enable_checks=False)
+    fit(Classifier(MLP()), quiet)
+    assert quiet.events == []
 
 
 def test_uncastable_batch_warns_with_its_type():
@@ -332,9 +387,11 @@ def test_uncastable_batch_warns_with_its_type():
 
     data = torch.utils.data.DataLoader(loader().dataset, batch_size=32, collate_fn=collate)
     cb = GradWatch(check_every_n_steps=1)
-    with pytest.warns(UserWarning, match="Holder"):
+    with pytest.warns(GradientHealthWarning, match="Holder"):
         fit(HolderModule(MLP()), cb, data=data)
     assert cb.reports == []
+    (event,) = cb.events  # once per reason, and no "no check ran" on top of it
+    assert event.kind == "unchecked" and "loss_fn" in event.message
 
 
 def test_sparse_embedding_gradients_give_norms():

@@ -60,6 +60,47 @@ def test_assert_gradients_raises_with_report():
     assert assert_gradients(MLP(), make_batch("mlp"), classify).verdict == "pass"
 
 
+def _dead_relu(model, x):
+    return torch.relu(model(x) - 100.0).sum()  # every unit off: every gradient exactly zero
+
+
+def test_assert_gradients_raises_on_inconclusive_with_the_reason():
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(3, 2), torch.randn(5, 3)
+    with pytest.raises(GradientCheckError, match="inconclusive, so nothing was verified") as info:
+        assert_gradients(model, x, _dead_relu)
+    message = str(info.value)
+    assert "0 of 8 entries were conclusive" in message
+    assert "weight[0, 0] zero" in message and "below the finite-difference resolution" in message
+    assert "allow_inconclusive=True" in message
+    assert info.value.report.verdict == "inconclusive"
+    report = assert_gradients(model, x, _dead_relu, allow_inconclusive=True)
+    assert report.verdict == "inconclusive"
+
+
+def test_assert_gradients_raises_on_a_nonfinite_loss():
+    model, x = torch.nn.Linear(3, 2), torch.randn(5, 3)
+    with pytest.raises(GradientCheckError, match="nonfinite: the loss is nan"):
+        assert_gradients(model, x, lambda m, b: m(b).sum() * float("nan"))
+
+
+def test_assert_gradients_hides_its_frames_from_pytest_tracebacks():
+    model, x = torch.nn.Linear(3, 2), torch.randn(5, 3)
+    with pytest.raises(GradientCheckError) as info:
+        assert_gradients(model, x, _dead_relu)
+    frames, tb = [], info.tb
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    gradwatch_frames = [f for f in frames if "/src/gradwatch/" in f.f_code.co_filename]
+    assert [f.f_code.co_name for f in gradwatch_frames] == [
+        "assert_gradients",
+        "raise_unless_verified",
+    ]
+    assert all(f.f_locals.get("__tracebackhide__") for f in gradwatch_frames)
+    assert len(info.traceback.filter(info)) < len(info.traceback)  # what pytest shows
+
+
 # --- no trace -------------------------------------------------------------------------------------
 
 

@@ -44,11 +44,19 @@ def validate_policy(argument: str, value: object) -> Policy:
 def policy_for(event: GradientEvent, policies: Mapping[str, Policy]) -> Policy:
     """The policy governing an event; ``on_mismatch`` governs ``mismatch`` and ``disconnected``.
 
+    ``unchecked`` (a check that could not run) always warns: it never halts or raises, whatever
+    the policies say, and it is never silent.
+
     Example:
         >>> e = GradientEvent(1, "disconnected", "w", 1.0, 1e-3, "cut")
         >>> policy_for(e, {"on_mismatch": "raise"})
         'raise'
+        >>> u = GradientEvent(1, "unchecked", "global", float("nan"), float("nan"), "no loss")
+        >>> policy_for(u, {"on_mismatch": "raise"})
+        'warn'
     """
+    if event.kind == "unchecked":
+        return "warn"
     key = {
         "mismatch": "on_mismatch",
         "disconnected": "on_mismatch",
@@ -101,7 +109,8 @@ def dispatch(
     error: GradientCheckError | None = None
     for event in events:
         policy = policy_for(event, policies)
-        text = f"gradwatch: step {event.step}: {event.kind} in {event.param}: {event.message}"
+        where = "" if event.param == "global" else f" in {event.param}"
+        text = f"gradwatch: step {event.step}: {event.kind}{where}: {event.message}"
         if policy == "ignore":
             if announce:
                 logger.info(text)

@@ -134,14 +134,19 @@ def random_direction(shape: Sequence[int], rng: np.random.Generator) -> npt.NDAr
 def round_robin(n_tensors: int, budget: int, check_index: int) -> list[int]:
     """Tensors visited by check number ``check_index`` when a check may cover only ``budget``.
 
-    With ``n_tensors <= budget`` every tensor is visited; otherwise a window of ``budget`` tensors
-    slides along, so each tensor is checked within ``ceil(n_tensors / budget)`` checks.
+    With ``n_tensors <= budget`` every tensor is visited. Otherwise the tensors are dealt into
+    ``p = ceil(n_tensors / budget)`` strided groups and check ``k`` takes group ``k mod p``: the
+    tensors ``i`` with ``i ≡ k (mod p)``. Every check spans the whole depth of the model (first,
+    middle and last tensors, so a wrong backward shows between tensors that fail and tensors nearer
+    the loss that pass), and every tensor is checked within ``p`` checks.
 
     Example:
         >>> round_robin(5, 2, 0), round_robin(5, 2, 1), round_robin(5, 2, 2)
-        ([0, 1], [2, 3], [4, 0])
+        ([0, 3], [1, 4], [2])
+        >>> round_robin(67, 32, 0)[:3], round_robin(67, 32, 0)[-1]
+        ([0, 3, 6], 66)
     """
     if n_tensors <= budget:
         return list(range(n_tensors))
-    start = (check_index * budget) % n_tensors
-    return [(start + k) % n_tensors for k in range(budget)]
+    period = -(-n_tensors // budget)
+    return list(range(check_index % period, n_tensors, period))

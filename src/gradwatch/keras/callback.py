@@ -100,6 +100,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self._t_start = 0.0
         self._last_norm: float | None = None
         self._last_error: float | None = None
+        self._selection_pending = False
 
     def get_config(self) -> dict[str, Any]:
         config = self.config.to_dict()
@@ -114,13 +115,10 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         w.reset()  # each fit starts fresh, as keras.callbacks.EarlyStopping does
         if not model.compiled or model.optimizer is None:
             raise ValueError("GradWatch needs a compiled model (model.compile(optimizer, loss))")
-        if w.checks_on and model.built:  # a model built during fit is judged at its first check
-            check_selection(
-                [v.path for v in model.trainable_variables if "float" in str(v.dtype)],
-                compile_patterns("include", self.config.include),
-                compile_patterns("exclude", self.config.exclude),
-                what="variable",
-            )
+        # A model built during fit is judged at its first step (an unchecked event, not an error).
+        self._selection_pending = w.checks_on and not model.built
+        if w.checks_on and model.built:
+            self._check_selection()
         self._step = int(to_numpy(model.optimizer.iterations))
         self._last_norm = self._last_error = None
         self._checker = None
@@ -157,8 +155,35 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         )
         self._epoch_base = self._step
 
+    def _check_selection(self) -> None:
+        """``ValueError`` when ``include``/``exclude`` select none of the trainable variables."""
+        check_selection(
+            [v.path for v in self.model.trainable_variables if "float" in str(v.dtype)],
+            compile_patterns("include", self.config.include),
+            compile_patterns("exclude", self.config.exclude),
+            what="variable",
+        )
+
+    def _judge_selection(self, step: int) -> Action:
+        """The selection of a model built during fit, at its first step: unchecked if empty."""
+        self._selection_pending = False
+        try:
+            self._check_selection()
+        except ValueError as exc:
+            w = self._watcher
+            w.checks_on = False
+            return w.unchecked(
+                step,
+                "selection",
+                f"{exc} in the model built during fit, so checks are switched off for this run "
+                f"(norms go on): pass include/exclude patterns that match its variable paths",
+            )
+        return Action()
+
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         action = self._catch_up(final=True)
+        # A run with checks enabled in which no check ran is never reported as clean.
+        action = action.merged(self._watcher.finish_checks(self._step))
         try:
             self._act(Action(error=action.error))  # nothing left to halt
         finally:
@@ -180,7 +205,9 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self._step = max(self._step + 1, self._epoch_base + batch + 1)
         step = self._step
         action = self._observe_norms() if self._taps.step_done() else Action()
-        if self._taps.due_now:
+        if self._selection_pending and self.model.built:
+            action = action.merged(self._judge_selection(step))
+        if self._taps.due_now and self._watcher.checks_on:
             action = action.merged(self._check(step))
         self._watcher.record_step(train_seconds)
         self._fill_logs(logs)
@@ -230,14 +257,16 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         started = time.perf_counter()
         batch = self._probe if self._probe is not None else self._taps.take_stash()
         if batch is None:
+            action = Action()
             if self._taps.no_capture:
-                w.warn_once(
+                action = w.unchecked(
+                    step,
                     "no-capture",
-                    f"GradWatch: under jit_compile=True the training batch cannot be kept for a "
-                    f"check ({self._taps.no_capture}); checks are skipped: pass data=(x, y) probe "
-                    f"data, or compile with jit_compile=False",
+                    f"checks are skipped because under jit_compile=True the training batch cannot "
+                    f"be kept for a check ({self._taps.no_capture}): pass data=(x, y) probe data, "
+                    f"or compile with jit_compile=False",
                 )
-            return Action()
+            return action
         if self._taps.capped:
             kept, total = self._taps.capped
             w.warn_once(
@@ -262,7 +291,13 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
                 sample_seed=(self.config.seed, step),
             )
         except Exception as exc:
-            w.disable_checks(step, f"{type(exc).__name__}: {exc}")
+            action = w.disable_checks(
+                step,
+                f"{type(exc).__name__}: {exc}",
+                "run gradwatch.keras.check_gradients(model, x, y) on one batch to see the whole "
+                "error, pass data=(x, y) probe data the model accepts, or pass enable_checks=False",
+            )
+            return action.merged(w.observe_report(None, step, time.perf_counter() - started))
         if report is not None:
             self._last_error = report.max_rel_error
         return w.observe_report(report, step, time.perf_counter() - started)

@@ -18,8 +18,8 @@ import numpy as np
 import numpy.typing as npt
 
 from gradwatch import options as v
+from gradwatch.core.assertion import raise_unless_verified
 from gradwatch.core.check import Perturbation, check_problem
-from gradwatch.errors import GradientCheckError
 from gradwatch.keras.backend import floatx, to_numpy, torch_rng, value_and_grad
 from gradwatch.keras.twin import build_twin, compiled_loss, model_dtype
 from gradwatch.report import CheckReport
@@ -340,12 +340,28 @@ def check_gradients(
     return checker.check(x, y, sample_weight)
 
 
-def assert_gradients(model: Any, x: Any, y: Any = None, **kwargs: Any) -> CheckReport:
-    """Like :func:`check_gradients`, but raise :class:`~gradwatch.GradientCheckError` on ``fail``."""
+def assert_gradients(
+    model: Any, x: Any, y: Any = None, *, allow_inconclusive: bool = False, **kwargs: Any
+) -> CheckReport:
+    """Like :func:`check_gradients`, but raise :class:`~gradwatch.GradientCheckError` unless it passed.
+
+    A check that verified nothing fails the test too; gradwatch's own frames are hidden from
+    pytest tracebacks.
+
+    Args:
+        model: As for :func:`check_gradients`.
+        x: As for :func:`check_gradients`.
+        y: As for :func:`check_gradients`.
+        allow_inconclusive: Return an ``inconclusive`` report instead of raising.
+        **kwargs: Any keyword argument of :func:`check_gradients`.
+
+    Raises:
+        GradientCheckError: On ``fail``, and on ``inconclusive`` (which entries could not be
+            judged and why) unless ``allow_inconclusive=True``; ``.report`` holds the report.
+    """
+    __tracebackhide__ = True
     report = check_gradients(model, x, y, **kwargs)
-    if report.verdict == "fail":
-        raise GradientCheckError(f"gradient check failed\n{report}", report=report)
-    return report
+    return raise_unless_verified(report, allow_inconclusive=allow_inconclusive)
 
 
 # -- probe data for the callback ------------------------------------------------------------------

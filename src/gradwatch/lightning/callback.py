@@ -41,6 +41,11 @@ from gradwatch.watch.watcher import HEALTH_BLOCK, Watcher, WatchRecords
 
 __all__ = ["GradWatch"]
 
+#: What to do when a check raised (the error is in the ``unchecked`` event's message).
+_FIX = (
+    "pass GradWatch(loss_fn=lambda module, batch: ...) that a float64 copy of the module can "
+    "run, or enable_checks=False"
+)
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
@@ -182,10 +187,13 @@ class GradWatch(WatchRecords, Callback):
         )
         if w.checks_on and strategy in _SHARDED:
             w.checks_on = False
-            w.warn_once(
+            w.unchecked(
+                _compat.optimizer_step(trainer),
                 "sharded",
-                f"GradWatch: gradient checks are switched off under {strategy}: parameters are "
-                f"sharded across ranks, so no rank holds the whole model to perturb; norms go on",
+                f"gradient checks are switched off under {strategy} because its parameters are "
+                f"sharded across ranks and no rank holds the whole model to perturb (norms go on): "
+                f"check the model unsharded with gradwatch.torch.check_gradients on one batch, or "
+                f"pass enable_checks=False",
             )
         self._norms = GradNorms(params)
         self._limits.clear()
@@ -348,12 +356,15 @@ class GradWatch(WatchRecords, Callback):
         started = time.perf_counter()
         report: CheckReport | None = None
         failure: str | None = None
+        action = Action()
         odd = uncastable(batch)
         if odd:
-            w.warn_once(
+            action = w.unchecked(
+                step,
                 f"batch:{odd[0]}",
-                f"GradWatch: cannot cast a batch holding {odd[0]} to float64; the check at step "
-                f"{step} is skipped (pass loss_fn=... that builds the inputs itself)",
+                f"the check at step {step} is skipped because a batch holding {odd[0]} cannot be "
+                f"cast to float64 (checks stay on): pass GradWatch(loss_fn=lambda module, batch: "
+                f"...) that builds the inputs itself",
             )
         elif self._rerun is not None:
             try:
@@ -366,10 +377,12 @@ class GradWatch(WatchRecords, Callback):
                     sample_seed=(self.config.seed, step),
                 )
             except SkipCheck:
-                w.warn_once(
+                action = w.unchecked(
+                    step,
                     "none",
-                    f"GradWatch: training_step returned None at step {step}; that check is skipped "
-                    f"(checks stay on)",
+                    f"the check at step {step} is skipped because training_step returned None "
+                    f"there, so there was no loss to check (checks stay on): return the loss from "
+                    f"training_step, or pass GradWatch(loss_fn=lambda module, batch: ...)",
                 )
             except Exception as exc:
                 cause = exc.__cause__ if isinstance(exc.__cause__, NotRerunnable) else exc
@@ -383,8 +396,8 @@ class GradWatch(WatchRecords, Callback):
         if distributed:
             w.agree_next_check(agreed.next_check)
         if agreed.disable:
-            w.disable_checks(step, failure or "on another rank")
-        self._act(trainer, w.observe_report(report, step, seconds, agreed.events))
+            action = action.merged(w.disable_checks(step, failure or "on another rank", _FIX))
+        self._act(trainer, action.merged(w.observe_report(report, step, seconds, agreed.events)))
 
     def _act(self, trainer: Trainer, action: Action) -> None:
         if action.error is not None:
@@ -397,7 +410,10 @@ class GradWatch(WatchRecords, Callback):
         try:
             action = self._read_rows(trainer)
             _, last = self._watcher.flush_health()  # the last, partly filled block
-            self._act(trainer, action.merged(agree_action(trainer, last) if self._agree else last))
+            action = action.merged(agree_action(trainer, last) if self._agree else last)
+            # A run with checks enabled in which no check ran is never reported as clean.
+            step = max(0, _compat.optimizer_step(trainer) - 1)  # the last step that ran
+            self._act(trainer, action.merged(self._watcher.finish_checks(step)))
         finally:
             self._watcher.flush()
 

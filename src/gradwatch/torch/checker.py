@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from gradwatch import options as v
+from gradwatch.core.assertion import raise_unless_verified
 from gradwatch.core.check import check_problem
-from gradwatch.errors import GradientCheckError
 from gradwatch.report import CheckReport
 from gradwatch.torch.evaluate import NP_DTYPES, Evaluator, LossFn, host_rng_preserved
 from gradwatch.torch.twin import Twin, cast_batch, named_trainable, unwrap_module
@@ -238,10 +238,29 @@ def check_gradients(
     return checker.check(batch)
 
 
-def assert_gradients(model: nn.Module, batch: Any, loss_fn: LossFn, **kwargs: Any) -> CheckReport:
-    """Like :func:`check_gradients`, but raise :class:`~gradwatch.GradientCheckError` on ``fail``.
+def assert_gradients(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn,
+    *,
+    allow_inconclusive: bool = False,
+    **kwargs: Any,
+) -> CheckReport:
+    """Like :func:`check_gradients`, but raise :class:`~gradwatch.GradientCheckError` unless it passed.
 
-    Meant for a user's own unit tests of custom layers.
+    Meant for a user's own unit tests of custom layers: a check that verified nothing fails the
+    test too. gradwatch's own frames are hidden from pytest tracebacks.
+
+    Args:
+        model: As for :func:`check_gradients`.
+        batch: As for :func:`check_gradients`.
+        loss_fn: As for :func:`check_gradients`.
+        allow_inconclusive: Return an ``inconclusive`` report instead of raising.
+        **kwargs: Any keyword argument of :func:`check_gradients`.
+
+    Raises:
+        GradientCheckError: On ``fail``, and on ``inconclusive`` (which entries could not be
+            judged and why) unless ``allow_inconclusive=True``; ``.report`` holds the report.
 
     Example:
         >>> import torch
@@ -249,7 +268,6 @@ def assert_gradients(model: nn.Module, batch: Any, loss_fn: LossFn, **kwargs: An
         ...                  lambda m, x: m(x).sum()).verdict
         'pass'
     """
+    __tracebackhide__ = True
     report = check_gradients(model, batch, loss_fn, **kwargs)
-    if report.verdict == "fail":
-        raise GradientCheckError(f"gradient check failed\n{report}", report=report)
-    return report
+    return raise_unless_verified(report, allow_inconclusive=allow_inconclusive)

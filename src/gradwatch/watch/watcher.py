@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,7 +37,8 @@ from gradwatch.core.health import (
 )
 from gradwatch.core.policy import Action, dispatch
 from gradwatch.core.sampling import round_robin
-from gradwatch.core.schedule import BudgetSchedule, Schedule, make_schedule
+from gradwatch.core.schedule import BudgetSchedule, FixedSchedule, Schedule, make_schedule
+from gradwatch.core.unchecked import no_check_message, unchecked_event
 from gradwatch.options import WatchConfig
 from gradwatch.report import CheckReport, GradientEvent
 from gradwatch.watch.records import (
@@ -99,6 +101,9 @@ class Watcher:
         self.run = new_run_id()
         self._event_counts: dict[str, int] = {}
         self._warned: set[str] = set()
+        self._unchecked: set[str] = set()
+        self._unchecked_reasons: set[str] = set()
+        self.steps_seen = 0
         self.schedule: Schedule = make_schedule(
             self.config.check_every_n_steps, self.config.max_overhead
         )
@@ -245,7 +250,25 @@ class Watcher:
             self._write(functools.partial(write_event, event=e), e.step)
         if events:
             self._count(events)
-        return dispatch(events, self.config.policies, report, announce=self.writer)
+        return dispatch(
+            [e for e in events if self._first_of_its_reason(e)],
+            self.config.policies,
+            report,
+            announce=self.writer,
+        )
+
+    def _first_of_its_reason(self, event: GradientEvent) -> bool:
+        """Every event is dispatched, but an ``unchecked`` one warns once per reason.
+
+        The reason is the message with its numbers blanked out (the same cause at another step).
+        """
+        if event.kind != "unchecked":
+            return True
+        reason = re.sub(r"\d+", "#", f"{event.param}: {event.message}")
+        if reason in self._unchecked_reasons:
+            return False
+        self._unchecked_reasons.add(reason)
+        return True
 
     def _count(self, events: Sequence[GradientEvent]) -> None:
         """Running counts per kind, written at each step that had events (scalars for loggers)."""
@@ -255,6 +278,34 @@ class Watcher:
             at_step.setdefault(e.step, {})[e.kind] = n
         for step, counts in at_step.items():
             self._write(functools.partial(write_event_counts, step=step, counts=counts), step)
+
+    def unchecked(self, step: int, key: str, message: str) -> Action:
+        """A check that could not run: one ``unchecked`` event per ``key`` (reason) and run.
+
+        The event goes through the normal event path (every sink, the counts, the policy, which
+        always warns and never halts or raises). ``message`` is the reason and the fix in one
+        sentence.
+        """
+        if key in self._unchecked:
+            return Action()
+        self._unchecked.add(key)
+        return self._record([unchecked_event(step, message)])
+
+    def finish_checks(self, step: int) -> Action:
+        """At the end of training: a run with checks enabled in which no check ran says so.
+
+        One ``unchecked`` event, unless an earlier ``unchecked`` event of this run already said why
+        (or no optimizer step ran at all).
+        """
+        if (
+            not self.config.enable_checks
+            or self.checks_done > 0
+            or self._unchecked
+            or self.steps_seen == 0
+        ):
+            return Action()
+        period = self.schedule.period if isinstance(self.schedule, FixedSchedule) else None
+        return self.unchecked(step, "no-check", no_check_message(self.steps_seen, period))
 
     def warn_once(self, key: str, message: str) -> None:
         """One ``UserWarning`` (and a log line) per ``key`` for what gradwatch had to skip."""
@@ -395,19 +446,30 @@ class Watcher:
         return self._record([skipped_steps_event(step, self.consecutive_skips, scale, scaler)])
 
     # -- checks --------------------------------------------------------------------------------
-    def disable_checks(self, step: int, reason: str) -> None:
-        """A check could not run: checks are off for the rest of the run (norms go on)."""
+    def disable_checks(self, step: int, reason: str, fix: str) -> Action:
+        """A check could not run: checks are off for the rest of the run (norms go on).
+
+        Args:
+            step: The step of the check.
+            reason: What went wrong (the error).
+            fix: What the user can do, as an imperative clause.
+
+        Returns:
+            The action of the ``unchecked`` event it records (it never halts or raises).
+        """
         self.checks_on = False
-        self.warn_once(
+        return self.unchecked(
+            step,
             "check-error",
-            f"GradWatch: the gradient check at step {step} failed ({reason}); checks are switched "
-            f"off, norms go on",
+            f"the gradient check at step {step} could not run ({reason}), so checks are switched "
+            f"off for the rest of the run and norms go on: {fix}",
         )
 
     def record_step(self, seconds: float) -> None:
         """Measured duration of one training step, check time excluded."""
         self.schedule.record_step(seconds)
         self._step_times.append(seconds)
+        self.steps_seen += 1
 
     def plan_next_check(self, step: int, seconds: float) -> int | None:
         """After a check of ``seconds`` at ``step``: the step of the next one, on this rank's clock.
