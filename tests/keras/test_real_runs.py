@@ -4,6 +4,7 @@ overflowing and non-finite gradients (TensorFlow backend, oneDNN as the machine 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -134,3 +135,70 @@ def test_a_subclassed_model_built_during_fit_gets_norms_and_a_nan_halt():
     assert "nonfinite" in kinds, kinds
     assert len(history.history["loss"]) == 1  # halted in the first epoch
     assert finite(model.trainable_variables)
+
+
+def bn_mlp(optimizer=None):
+    model = keras.Sequential(
+        [
+            keras.Input((12,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(4),
+        ]
+    )
+    model.compile(
+        optimizer=optimizer or keras.optimizers.Adam(),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def test_loss_scale_optimizer_skips_are_counted_and_a_run_of_them_is_an_event():
+    keras.utils.set_random_seed(0)
+    model = bn_mlp(keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam()))
+    x, y = km.data("mlp", n=16 * 40)
+    x[16 * 2 : 16 * 3] = np.nan  # one bad batch: skipped by the scaler, state put back
+    cb = GradWatch(enable_checks=False)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    assert cb.events == [] and cb.skipped_steps == 1
+    assert finite(model.variables)
+    x[16 * 2 :] = np.nan  # bad from batch 3 on: the scale collapses
+    cb = GradWatch(enable_checks=False)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    assert [e.kind for e in cb.events] == ["nonfinite"]
+    assert re.search(
+        r"LossScaleOptimizer skipped \d+ optimizer steps in a row", cb.events[0].message
+    )
+    assert model.stop_training and finite(model.variables)
+
+
+def test_no_skipped_update_goes_unreported_with_long_executions_or_sparse_norms():
+    keras.utils.set_random_seed(0)
+    x, y = km.data("mlp", n=16 * 40)
+    x[16 * 2 : 16 * 3] = np.nan  # step 3
+    model = bn_mlp()
+    model.compile(optimizer="adam", loss=model.loss, steps_per_execution=32)
+    cb = GradWatch(enable_checks=False, log_every_n_steps=1)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    assert [(e.kind, e.step) for e in cb.events] == [("nonfinite", 3)]
+    assert finite(model.variables)
+    model = bn_mlp()
+    cb = GradWatch(enable_checks=False, norm_every_n_steps=2)  # step 3 is not sampled... (1, 3, 5)
+    x[16 * 2 : 16 * 3] = 1.0
+    x[16 * 3 : 16 * 4] = np.nan  # step 4 is not sampled
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    assert [(e.kind, e.step) for e in cb.events] == [("nonfinite", 4)]
+    assert finite(model.variables)
+
+
+def test_steps_and_checks_under_steps_per_execution_follow_the_optimizer():
+    keras.utils.set_random_seed(0)
+    model = km.mlp()
+    model.compile(optimizer="adam", loss=model.loss, steps_per_execution=2)
+    x, y = km.data("mlp", n=16 * 7)  # 7 batches: the last execution of each epoch is short
+    cb = GradWatch(check_every_n_steps=3)
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, callbacks=[cb], verbose=0)
+    assert cb._step == int(model.optimizer.iterations) == 14
+    # Executions [1, 2] [3, 4] [5, 6] [7] | [8, 9] [10, 11] [12, 13] [14]; steps 1, 4, 7, 10, 13
+    # are due, and each execution holding one is checked at its last step.
+    assert [r.step for r in cb.reports] == [2, 4, 7, 11, 13]

@@ -160,11 +160,18 @@ def count_host_reads(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("policy", "per_step"), [("halt", 1), ("warn", 0)], ids=["halt-guard", "warn-no-guard"]
+    ("policy", "accelerator", "per_step"),
+    [("halt", True, 1), ("warn", True, 0), ("warn", False, 1)],
+    ids=["halt-guard", "warn-accelerator", "warn-cpu"],
 )
 def test_norms_are_read_once_per_block_plus_one_boolean_per_step_when_halting(
-    monkeypatch, policy, per_step
+    monkeypatch, policy, accelerator, per_step
 ):
+    # On an accelerator a host read is a synchronisation: without a stopping policy none per
+    # step. On the CPU it is free, and buys the float64 recheck of an overflowing norm.
+    import gradwatch.lightning.callback as callback
+
+    monkeypatch.setattr(callback, "host_reads_are_free", lambda device: not accelerator)
     steps = 2 * HEALTH_BLOCK
     cb = GradWatch(enable_checks=False, on_nonfinite=policy, log_every_n_steps=0)
     counts = count_host_reads(monkeypatch)
@@ -177,3 +184,87 @@ def test_norms_are_read_once_per_block_plus_one_boolean_per_step_when_halting(
     assert scalar == per_step * steps, counts
     assert arrays == steps // HEALTH_BLOCK, counts
     assert cb.events == []
+
+
+def constant_batches_loader(bad, batch_size=16, n=128):
+    data = loader(n=n, batch_size=batch_size)
+    xs, ys = [], []
+    for i, (x, y) in enumerate(data):
+        xs.append(x[:1].expand_as(x).clone() if i in bad else x)
+        ys.append(y)
+    ds = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size)
+
+
+def test_every_nonfinite_update_is_skipped_while_training_goes_on_past_a_halt():
+    # min_epochs makes Lightning ignore should_stop: the second bad step (same episode, no new
+    # event) must be skipped too.
+    module = Standardised(MLP(batchnorm=True), optimizer="adam", lr=0.01)
+    cb = GradWatch(enable_checks=False)
+    t = trainer(callbacks=[cb], min_epochs=2, max_epochs=2)
+    t.fit(module, constant_batches_loader(bad={3, 4}))
+    # One episode per run of bad batches (steps 3-4, then 11-12 in the second epoch).
+    assert [(e.kind, e.step) for e in cb.events] == [("nonfinite", 3), ("nonfinite", 11)]
+    assert t.global_step == 16  # min_epochs kept it going
+    assert finite(module.parameters()) and finite(module.buffers())
+    assert finite(optimizer_tensors(t.optimizers[0]))
+
+
+@pytest.mark.parametrize("policy", ["halt", "warn"])
+def test_overflowing_float32_norm_is_exploding_whatever_the_nonfinite_policy(policy):
+    class Huge(Classifier):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * 1e25
+
+    cb = GradWatch(enable_checks=False, on_nonfinite=policy)
+    trainer(callbacks=[cb], max_steps=1).fit(Huge(MLP(), lr=0.0), loader())
+    assert {e.kind for e in cb.events} == {"exploding"}, [e.message for e in cb.events]
+
+
+def test_a_fused_optimizer_under_a_grad_scaler_skips_the_halted_update():
+    # 16-mixed needs CUDA; the same sequence Lightning's MixedPrecision plugin runs, on the CPU.
+    model = MLP()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = next(iter(loader()))
+    scaler.scale(F.cross_entropy(model(x), y) * 1e30).backward()  # finite, far over the limit
+    cb = GradWatch(enable_checks=False, on_explode="halt")
+    cb._stats = []
+    cb._saved_stats = []
+    cb._skip_update(opt, scaler)
+    scaler.step(opt)  # the fused step sees NaN and skips; the scaler saw its inf check
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_norms_still_on_the_device_travel_in_the_checkpoint_and_are_written_on_an_exception(
+    tmp_path,
+):
+    import json
+
+    class Boom(Classifier):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 5:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    path = tmp_path / "gw.jsonl"
+    cb = GradWatch(enable_checks=False, log_every_n_steps=1, jsonl_path=str(path))
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(callbacks=[cb], max_epochs=1).fit(Boom(MLP()), loader())
+    steps = [
+        r["step"] for r in map(json.loads, path.read_text().splitlines()) if r["type"] == "norms"
+    ]
+    assert steps == [0, 1, 2, 3, 4]  # read off the device when training failed
+
+    cb = GradWatch(enable_checks=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1)
+    t = trainer(callbacks=[cb, ckpt], enable_checkpointing=True, max_steps=8)
+    t.fit(Classifier(MLP()), loader())
+    saved = torch.load(next(tmp_path.glob("*step=6*.ckpt")), weights_only=False)
+    state = saved["callbacks"][cb.state_key]
+    assert state["device_rows"]["steps"] == [0, 1, 2, 3, 4, 5]  # not yet read at step 6
+    fresh = GradWatch(enable_checks=False)
+    fresh.load_state_dict(state)
+    assert [s for s, _ in fresh._watcher._pending_rows] == [0, 1, 2, 3, 4, 5]

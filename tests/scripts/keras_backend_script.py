@@ -75,7 +75,7 @@ def main() -> None:
         "iterations": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         "finite": all(
             bool(np.isfinite(keras.ops.convert_to_numpy(v.value)).all())
-            for v in model.trainable_variables
+            for v in model.variables  # BatchNorm's moving statistics put back too
         ),
     }
     Path(sys.argv[1]).write_text(json.dumps(out))

@@ -102,6 +102,11 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self._last_error: float | None = None
         self._selection_pending = False
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps a ``LossScaleOptimizer`` skipped (overflowing gradients under ``mixed_float16``)."""
+        return self._watcher.skipped_steps
+
     def get_config(self) -> dict[str, Any]:
         config = self.config.to_dict()
         config.update(data=None, log_dir=self.log_dir)
@@ -196,13 +201,19 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._t_start = time.perf_counter()
-        self._taps.set_due(self._watcher.check_due(self._step + 1))
+        # Under steps_per_execution one call covers several steps: due if any of them is.
+        spe = max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
+        w = self._watcher
+        self._taps.set_due(any(w.check_due(self._step + k) for k in range(1, spe + 1)))
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         train_seconds = time.perf_counter() - self._t_start
         # The train-step count after this call (optimizer.iterations when no update was skipped):
         # under steps_per_execution Keras calls back once per execution with its last step.
-        self._step = max(self._step + 1, self._epoch_base + batch + 1)
+        # Keras reports a short last execution as if it were whole: cap at the epoch's steps.
+        steps = (self.params or {}).get("steps")
+        done = batch + 1 if not steps else min(batch + 1, int(steps))
+        self._step = max(self._step + 1, self._epoch_base + done)
         step = self._step
         action = self._observe_norms() if self._taps.step_done() else Action()
         if self._selection_pending and self.model.built:
@@ -236,12 +247,36 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         w = self._watcher
         if self._taps.shapes and set(self._taps.shapes) != set(w.shapes):
             w.start(self._taps.shapes)  # a model built during fit: its variables exist now
-        keep = [i for i, s in enumerate(steps) if w.observes(s)]
+        action = self._observe_skips(steps[-1] if steps else self._step)
+        # Rows of steps the health rules do not sample (norm_every_n_steps) are dropped, except
+        # non-finite or exploding ones: an update the guard skipped is never lost.
+        limit = self.config.explode_threshold * np.sqrt(
+            [max(1, int(np.prod(self._taps.shapes.get(n, (1,))))) for n in self._taps.names]
+        )
+        calm = np.asarray((values <= limit).all(axis=1), dtype=bool).reshape(-1)
+        loud = [not bool(x) for x in calm] if len(self._taps.names) else []
+        keep = [i for i, s in enumerate(steps) if w.observes(s) or (loud and loud[i])]
         if not keep or not self._taps.names:
-            return Action()
-        _, action = w.observe_norm_rows([steps[i] for i in keep], self._taps.names, values[keep])
+            return action
+        _, rows = w.observe_norm_rows([steps[i] for i in keep], self._taps.names, values[keep])
         self._last_norm = float(np.sqrt(np.sum(values[keep[-1]] ** 2)))
-        return action
+        if self._taps.no_skip:
+            w.warn_once(
+                "no-skip",
+                f"GradWatch: under this distribution strategy the update of a step with "
+                f"non-finite gradients cannot be skipped inside the graph "
+                f"({self._taps.no_skip}); fit halts after it",
+            )
+        return action.merged(rows)
+
+    def _observe_skips(self, step: int) -> Action:
+        """Steps a ``LossScaleOptimizer`` skipped (overflow): counted; a run of them is an event."""
+        if not self._taps.lso:
+            return Action()
+        total, run = self._taps.skip_counts()
+        opt = self.model.optimizer
+        scale = float(to_numpy(getattr(opt, "dynamic_scale", 1.0)))
+        return self._watcher.observe_skip_run(step, total, run, scale, "LossScaleOptimizer")
 
     def _act(self, action: Action) -> None:
         """Raise (sinks flushed, wrappers removed first) or halt."""

@@ -92,8 +92,15 @@ class Taps:
         self._start_seq = 0
         self._since_read = 0
         self._read_every = HEALTH_BLOCK
+        self._rows = HEALTH_BLOCK  # ring rows: a block, or a whole execution if longer
+        self._bounds: dict[Any, Any] = {}  # torch: the guard's limits per device
+        self.lso = False  # the optimizer is a LossScaleOptimizer (it skips overflows itself)
+        self.no_skip: str | None = None  # why the guard cannot skip inside the graph
+        self._skip_total: Any = None  # TF: steps skipped by the LSO or the guard, this fit
+        self._skip_run: Any = None  # TF: of which the last ones in a row
         self._due_var: Any = None
-        self._skipped: Any = None  # TF: whether the guard skipped this step's update
+        self._skipped: Any = None  # TF: whether this step's update was skipped
+        self._ours: Any = None  # TF: skipped by the guard (not by a LossScaleOptimizer)
         self._slots: list[Any] = []  # XLA capture: one padded variable per input leaf
         self._rows_var: Any = None
         self._structure: Any = None
@@ -129,13 +136,14 @@ class Taps:
         self.uninstall(model, rebuild=False)
         repair(model)  # wrappers an interrupted fit left behind
         self.stash, self.due_now, self.urgent, self.capped = None, False, False, None
-        self.no_capture = None
+        self.no_capture = self.no_skip = None
+        self.lso = False
         self._guard, self._explode = guard and norms, explode
         self._jit = keras.backend.backend() == "tensorflow" and _jit(model)
         self._spe = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         if norms:
             self._install_norms(model, step)
-        if capture or (self._guard and keras.backend.backend() == "tensorflow"):
+        if capture or self._guard or self.lso:
             self._install_train_step(model, capture)
         if self._installed:
             self._install_sentinel(model)
@@ -150,6 +158,8 @@ class Taps:
                 delattr(obj, name)
         self._installed = []
         self._ring = self._seq = self._due_var = self._rows_var = self._skipped = None
+        self._ours = self._skip_total = self._skip_run = None
+        self._bounds = {}
         self._slots = []
         self.norms_on = False
         if rebuild:
@@ -176,8 +186,11 @@ class Taps:
     def _install_norms(self, model: Any, step: int) -> None:
         opt = model.optimizer
         inner = getattr(opt, "inner_optimizer", None) or opt  # LossScaleOptimizer: unscaled grads
+        self.lso = inner is not opt
         original = inner.apply
-        self._read_every = max(1, HEALTH_BLOCK // self._spe)
+        # Enough rows for a whole execution: no step's row is overwritten before it is read.
+        self._rows = max(HEALTH_BLOCK, self._spe)
+        self._read_every = max(1, self._rows // self._spe)
         self._seen_seq = self._start_seq = step
         self._since_read = 0
         self._torch_rows = []
@@ -188,6 +201,12 @@ class Taps:
             with tf.init_scope():
                 self._seq = tf.Variable(
                     tf.constant(step, tf.int64), trainable=False, name="gradwatch_seq"
+                )
+                self._skip_total = tf.Variable(
+                    tf.constant(0, tf.int64), trainable=False, name="gradwatch_skips"
+                )
+                self._skip_run = tf.Variable(
+                    tf.constant(0, tf.int64), trainable=False, name="gradwatch_skip_run"
                 )
             if model.trainable_variables:
                 self._make_ring(len(model.trainable_variables))
@@ -202,6 +221,8 @@ class Taps:
             )
             calm = taps.record_norms(grads, variables)
             if calm is None:
+                if tensorflow and taps._skipped is not None:
+                    taps._skipped.assign(False)  # reached: the LossScaleOptimizer applies it
                 return original(grads, trainable_variables, *args, **kwargs)
             if not tensorflow:
                 if bool(calm):  # the one host read per step (torch backend)
@@ -220,6 +241,7 @@ class Taps:
             applied = tf.cond(calm, step_, lambda: tf.constant(False))
             if taps._skipped is not None:
                 taps._skipped.assign(tf.logical_not(applied))
+                taps._ours.assign(tf.logical_not(applied))
             return None
 
         inner.apply = _mark(apply)
@@ -231,7 +253,7 @@ class Taps:
 
         with tf.init_scope():
             self._ring = tf.Variable(
-                tf.zeros([HEALTH_BLOCK, n + 1], tf.float64), trainable=False, name="gradwatch_norms"
+                tf.zeros([self._rows, n + 1], tf.float64), trainable=False, name="gradwatch_norms"
             )
 
     def record_norms(self, grads: list[Any], variables: list[Any]) -> Any:
@@ -295,7 +317,7 @@ class Taps:
             seq = self._seq.assign_add(1)
             row = tf.concat([stacked, tf.reshape(tf.cast(seq, tf.float64), [1])], 0)
             self._ring.scatter_nd_update(
-                tf.reshape(seq % HEALTH_BLOCK, [1, 1]), tf.reshape(row, [1, -1])
+                tf.reshape(seq % self._rows, [1, 1]), tf.reshape(row, [1, -1])
             )
             return tf.constant(0)
 
@@ -308,8 +330,11 @@ class Taps:
                 store()
         else:
             tf.cond(tf.equal(replica, 0), store, lambda: tf.constant(0))
-        if not self._guard or not tf.__internal__.distribute.strategy_supports_no_merge_call():
-            return None  # the optimizer's merge_call cannot sit in a cond: no in-graph skip
+        if not self._guard:
+            return None
+        if not tf.__internal__.distribute.strategy_supports_no_merge_call():
+            self.no_skip = "its optimizer's merge_call cannot sit inside a replica's tf.cond"
+            return None
         return tf.reduce_all(stacked <= tf.constant(self._limits(tf.float64)))
 
     def _record_torch(self, grads: list[Any]) -> Any:
@@ -320,15 +345,23 @@ class Taps:
         if not grads:
             return None
         dense = [g.to_dense() if g.is_sparse else g for g in grads if g is not None]
-        it = iter(torch_compat.foreach_norm(dense) if dense else [])
+        if not dense:
+            return None
+        device = dense[0].device
+        it = iter(torch_compat.foreach_norm(dense))
+        zero = torch.zeros((), device=device)
         stacked = torch.stack(
-            [next(it).float() if g is not None else torch.zeros(()) for g in grads]
+            [next(it).float().to(device) if g is not None else zero for g in grads]
         ).detach()
         calm: bool | None = None
         if self._guard:
             limits = self._limits(None)
-            top = torch.finfo(torch.float32).max
-            bound = torch.as_tensor(np.minimum(limits, top), dtype=torch.float32)
+            key = (tuple(self.names), device)
+            bound = self._bounds.get(key)
+            if bound is None:
+                top = torch.finfo(torch.float32).max
+                bound = torch.as_tensor(np.minimum(limits, top), dtype=torch.float32).to(device)
+                self._bounds[key] = bound
             calm = bool((stacked <= bound).all())  # the one host read per step
             if not calm:  # float32 overflows recomputed in float64; NaN and inf stay
                 values = stacked.tolist()
@@ -336,25 +369,30 @@ class Taps:
                     if value == math.inf and g is not None:
                         g64 = (g.to_dense() if g.is_sparse else g).detach().double()
                         values[i] = float(torch.linalg.vector_norm(g64))
-                stacked = torch.tensor(values, dtype=torch.float64)
+                stacked = torch.tensor(values, dtype=torch.float64, device=device)
                 calm = all(v <= lim for v, lim in zip(values, limits, strict=True))
         last = self._torch_rows[-1][0] if self._torch_rows else self._seen_seq
         self._torch_rows.append((last + 1, stacked))
-        del self._torch_rows[:-HEALTH_BLOCK]
+        del self._torch_rows[: -self._rows]
         return calm
 
     def _install_train_step(self, model: Any, capture: bool) -> None:
-        """Wrap ``train_step``: the capture, and (TensorFlow, guard on) the non-trainable state
-        (BatchNorm statistics...) put back on a step whose update the guard skipped."""
+        """Wrap ``train_step``: the capture; and, when an update can be skipped (the guard, or a
+        ``LossScaleOptimizer``), the count of skipped steps and the non-trainable state
+        (BatchNorm statistics...) put back after a skip — always after the guard's, after the
+        scaler's when that state went non-finite."""
         original = model.train_step
         taps = self
-        if keras.backend.backend() == "tensorflow":
+        tensorflow = keras.backend.backend() == "tensorflow"
+        track = (self._guard or self.lso) and self._skip_total is not None
+        if tensorflow:
             import tensorflow as tf
 
             with tf.init_scope():
                 self._due_var = tf.Variable(False, trainable=False, name="gradwatch_due")
-                if self._guard:
+                if track:
                     self._skipped = tf.Variable(False, trainable=False, name="gradwatch_skipped")
+                    self._ours = tf.Variable(False, trainable=False, name="gradwatch_guard_skip")
 
             def train_step(data: Any) -> Any:
                 if capture:
@@ -362,17 +400,39 @@ class Taps:
                     keep = taps._xla_keep(data, flat) if taps._jit else taps._py_keep(data, flat)
                     if keep is not None:
                         tf.cond(taps._due_var, keep, lambda: tf.constant(0))
-                state = list(model.non_trainable_variables) if taps._skipped is not None else []
+                if not track:
+                    return original(data)
+                # A LossScaleOptimizer that skips never reaches the wrapped apply: skipped
+                # unless apply says otherwise.
+                taps._skipped.assign(taps.lso)
+                taps._ours.assign(False)
+                state = list(model.non_trainable_variables)
                 before = [tf.identity(v.value) for v in state]
                 logs = original(data)
+                skipped = tf.identity(taps._skipped)
+                taps._skip_total.assign_add(tf.cast(skipped, tf.int64))
+                taps._skip_run.assign(
+                    tf.where(skipped, taps._skip_run + 1, tf.constant(0, tf.int64))
+                )
                 if state:
+                    spoiled = tf.logical_not(
+                        tf.reduce_all(
+                            [
+                                tf.reduce_all(tf.math.is_finite(v.value))
+                                for v in state
+                                if tf.as_dtype(v.dtype).is_floating
+                            ]
+                            or [tf.constant(True)]
+                        )
+                    )
+                    put_back = tf.logical_or(taps._ours, tf.logical_and(skipped, spoiled))
 
                     def restore() -> Any:
                         for v, value in zip(state, before, strict=True):
                             v.assign(value)
                         return tf.constant(0)
 
-                    tf.cond(taps._skipped, restore, lambda: tf.constant(0))
+                    tf.cond(put_back, restore, lambda: tf.constant(0))
                 return logs
         else:
 
@@ -381,10 +441,24 @@ class Taps:
                     taps.stash = keras.tree.map_structure(
                         lambda t: to_numpy(t) if t is not None else None, data
                     )
-                return original(data)
+                if not taps._guard:
+                    return original(data)
+                state = list(model.non_trainable_variables)
+                before = [keras.ops.copy(v.value) for v in state]
+                logs = original(data)
+                if taps.urgent:  # the guard skipped this update: put the state back too
+                    for v, value in zip(state, before, strict=True):
+                        v.assign(value)
+                return logs
 
         model.train_step = _mark(train_step)
         self._installed.append((model, "train_step"))
+
+    def skip_counts(self) -> tuple[int, int]:
+        """``(steps skipped this fit, of which the last ones in a row)`` (TensorFlow; one read)."""
+        if self._skip_total is None:
+            return 0, 0
+        return int(self._skip_total.numpy()), int(self._skip_run.numpy())
 
     def _py_keep(self, data: Any, flat: list[Any]) -> Any:
         """The batch to the host through ``tf.py_function`` (exact; not XLA-compilable)."""

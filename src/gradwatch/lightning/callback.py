@@ -27,8 +27,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
 from gradwatch.core.policy import Action
+from gradwatch.errors import GradientCheckError
 from gradwatch.lightning import _compat
-from gradwatch.lightning.distributed import agree_action, agree_after_check, agree_flag
+from gradwatch.lightning.distributed import agree_action, agree_after_check, agree_calm
 from gradwatch.lightning.norms import GradNorms
 from gradwatch.lightning.rerun import NotRerunnable, Rerun, SkipCheck
 from gradwatch.lightning.sinks import LoggersSink
@@ -46,7 +47,13 @@ _FIX = (
     "pass GradWatch(loss_fn=lambda module, batch: ...) that a float64 copy of the module can "
     "run, or enable_checks=False"
 )
+_STOPS = ("halt", "raise")
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether reading a value to the host costs no synchronisation (the CPU)."""
+    return device.type == "cpu"
 
 
 class GradWatch(WatchRecords, Callback):
@@ -125,8 +132,9 @@ class GradWatch(WatchRecords, Callback):
         stops = ("halt", "raise")
         # Judge every step's norms before the optimizer steps (one boolean host read per step)
         # when a non-finite or exploding gradient must stop training before its update.
-        self._guard_explode = policies["on_explode"] in stops
-        self._guard = self._guard_explode or policies["on_nonfinite"] in stops
+        norms_on = self.config.enable_norms
+        self._guard_explode = norms_on and policies["on_explode"] in stops
+        self._guard = self._guard_explode or (norms_on and policies["on_nonfinite"] in stops)
         # Health actions that can stop training are agreed across ranks.
         self._agree = any(policies[k] in stops for k in ("on_vanish", "on_explode", "on_nonfinite"))
         self._limits: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
@@ -235,11 +243,15 @@ class GradWatch(WatchRecords, Callback):
         scale = 1.0
         if scaler is not None and torch_compat.optimizer_unscales_itself(optimizer):
             scale = float(scaler.get_scale()) or 1.0  # fused optimizers unscale inside step()
-        vector = self._norms.vector(named, scale)
-        if self._guard or scaler is not None:
-            # The one host read per step: are all norms finite and under the explode limit?
+        # Without a per-step read on an accelerator, squares are summed in float64 there, so a
+        # float32 overflow cannot pass for a non-finite gradient when the block is read.
+        read_now = self._guard or scaler is not None or host_reads_are_free(named[0][1].device)
+        vector = self._norms.vector(named, scale, wide=not read_now)
+        if read_now:
+            # The one host read per step (on the CPU it costs no synchronisation): are all
+            # norms finite and under the explode limit? Agreed across ranks (one all-reduce).
             limit = self._limit(named, vector)
-            if not agree_flag(trainer, bool((vector <= limit).all())):
+            if not agree_calm(trainer, (vector <= limit).all()):
                 self._not_calm(trainer, step, optimizer, named, vector, scale, scaler)
                 return
             if scaler is not None:
@@ -276,33 +288,75 @@ class GradWatch(WatchRecords, Callback):
         scale: float,
         scaler: Any,
     ) -> None:
-        """A step with a non-finite or exploding norm: judged now, before the optimizer steps."""
+        """A step with a non-finite or exploding norm: judged now, before the optimizer steps.
+
+        The update is skipped whenever a stopping policy covers what this step's gradients show —
+        decided from the norms themselves, so a step later in the same episode (no new event:
+        ``min_epochs`` keeps training going, or a second optimizer steps on the same batch) is
+        skipped too.
+        """
         w = self._watcher
         values = self._norms.exact(named, vector, scale)
+        nonfinite = not all(math.isfinite(x) for x in values)
         if scaler is not None:
             # An overflow makes the GradScaler skip this update: routine under 16-mixed.
-            skipped = not all(math.isfinite(x) for x in values)
             self._act(
                 trainer,
                 w.observe_skipped_step(
-                    step, skipped, float(scaler.get_scale()) if skipped else 1.0, "GradScaler"
+                    step, nonfinite, float(scaler.get_scale()) if nonfinite else 1.0, "GradScaler"
                 ),
             )
-            if skipped:
+            if nonfinite:
                 return
         self._act(trainer, self._read_rows(trainer))  # earlier steps first, in step order
-        norms = dict(zip(self._norms.names(named), values, strict=True))
+        names = self._norms.names(named)
+        norms = dict(zip(names, values, strict=True))
         _, action = w.observe_norms(step, norms)
         action = agree_action(trainer, action) if self._agree else action
-        if action.halt or action.error is not None:
-            # Skip this update: an optimizer leaves a parameter whose .grad is None untouched
-            # (weights, momentum, step counts), so the model and any checkpoint stay finite.
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-            if self._saved_stats:  # and the running statistics as they were before this step
-                torch_compat.copy_tensors(self._stats, self._saved_stats)
+        policies = self.config.policies
+        policy = None
+        if nonfinite and policies["on_nonfinite"] in _STOPS:
+            policy = policies["on_nonfinite"]
+        elif self._guard_explode and self._over_limit(named, values):
+            policy = policies["on_explode"]
+        if policy is not None:
+            self._skip_update(optimizer, scaler)
+            if policy == "raise" and action.error is None:
+                what = "non-finite" if nonfinite else "exploding"
+                action = action.merged(
+                    Action(
+                        error=GradientCheckError(
+                            f"GradWatch: the gradients at step {step} are {what} (the episode "
+                            f"began earlier); this update was skipped"
+                        )
+                    )
+                )
+            action = action.merged(Action(halt=True))
         self._act(trainer, action)
+
+    def _over_limit(self, named: list[tuple[str, torch.Tensor]], values: list[float]) -> bool:
+        numels = self._watcher.numels
+        limit = self.config.explode_threshold
+        return any(
+            v / math.sqrt(max(1, numels.get(n, 1))) > limit
+            for n, v in zip(self._norms.names(named), values, strict=True)
+        )
+
+    def _skip_update(self, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
+        """Make the coming ``optimizer.step()`` leave weights, optimizer state and the running
+        statistics as they were before this step."""
+        fused = scaler is not None and torch_compat.optimizer_unscales_itself(optimizer)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if fused and p.grad is not None:
+                    # A fused optimizer under a GradScaler checks its own gradients for inf
+                    # (the scaler asserts that some were checked): NaN makes it skip the step.
+                    p.grad.fill_(math.nan)
+                else:
+                    # An optimizer leaves a parameter whose .grad is None untouched.
+                    p.grad = None
+        if self._saved_stats:
+            torch_compat.copy_tensors(self._stats, self._saved_stats)
 
     def on_train_batch_end(
         self,
@@ -417,13 +471,36 @@ class GradWatch(WatchRecords, Callback):
         finally:
             self._watcher.flush()
 
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        """Training ends with an error: write what was observed (no collective, no action)."""
+        try:
+            if self._rows:
+                rows, self._rows = self._rows, []
+                steps, self._row_steps = self._row_steps, []
+                host = torch.stack(rows).cpu().double().numpy()
+                self._watcher.observe_norm_rows(steps, self._row_names, host)
+            self._watcher.flush_health()
+        except Exception:  # never hide the exception that ended training
+            pass
+        finally:
+            self._watcher.flush()
+
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._watcher.close()
         self._rerun = None
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"watcher": self._watcher.state_dict(), "checks_on": self._watcher.checks_on}
+        state = {"watcher": self._watcher.state_dict(), "checks_on": self._watcher.checks_on}
+        if self._rows:  # norms still on the device: carried, judged after a resume
+            state["device_rows"] = {
+                "names": list(self._row_names),
+                "steps": list(self._row_steps),
+                "norms": torch.stack(self._rows).cpu().double().tolist(),
+            }
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         w = self._watcher
@@ -432,6 +509,9 @@ class GradWatch(WatchRecords, Callback):
             state.setdefault(key, state_dict.get(key))
         state = {k: v for k, v in state.items() if v is not None}
         w.load_state_dict(state)
+        rows = state_dict.get("device_rows")
+        if rows:
+            w.hold_rows(rows["steps"], rows["names"], rows["norms"])
         if self._rerun is not None and self._rerun.trainer.world_size <= 1:
             w.agree_next_check(None)  # a plan agreed by ranks that are not there any more
         # A checkpoint never overrides the constructor or setup: checks stay off if they were

@@ -5,7 +5,7 @@ check the ranks exchange their events (each event once, with the number of ranks
 whether any rank had to switch checks off, and rank zero's plan for the next check. On a single
 device the strategy's ``broadcast``/``reduce_boolean_decision`` return their input, so the same code
 runs everywhere. Health rules see the same averaged ``.grad`` on every rank under DDP, but a halt or
-raise is still decided through the strategy (:func:`agree_flag`, :func:`agree_action`): a rank that
+raise is still decided through the strategy (:func:`agree_calm`, :func:`agree_action`): a rank that
 stopped alone would leave the others blocked in their next collective.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from lightning.pytorch import Trainer
 
 from gradwatch.core.policy import Action
@@ -20,7 +21,7 @@ from gradwatch.errors import GradientCheckError
 from gradwatch.report import GradientEvent
 from gradwatch.watch.watcher import merge_rank_events
 
-__all__ = ["Agreement", "agree_action", "agree_after_check", "agree_flag"]
+__all__ = ["Agreement", "agree_action", "agree_after_check", "agree_calm"]
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,17 @@ def agree_after_check(
     return Agreement(merge_rank_events(per_rank), bool(any_disable), next_check)
 
 
-def agree_flag(trainer: Trainer, flag: bool) -> bool:
-    """``True`` on every rank when ``flag`` holds on every rank (a collective under DDP).
+def agree_calm(trainer: Trainer, calm: torch.Tensor) -> bool:
+    """Whether a step's gradients are calm on every rank: one all-reduce of the device flag under
+    distributed training, then one host read.
 
-    Example: the per-step "gradients are calm" test, so that every rank skips the same update.
+    Example: the per-step "norms finite and under the limit" test, so every rank skips the same
+    update.
     """
     if trainer.world_size <= 1:
-        return flag
-    return bool(trainer.strategy.reduce_boolean_decision(flag, all=True))
+        return bool(calm)
+    bad = trainer.strategy.reduce((~calm).to(torch.float32), reduce_op="sum")
+    return not bool(bad)
 
 
 def agree_action(trainer: Trainer, action: Action) -> Action:

@@ -33,12 +33,21 @@ def compiled_original(model: nn.Module) -> nn.Module | None:
     return inner if isinstance(inner, nn.Module) else None
 
 
-def foreach_norm(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-    """L2 norm of each tensor in one fused kernel per device/dtype (``torch._foreach_norm``).
+def foreach_norm(
+    tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None
+) -> Sequence[torch.Tensor]:
+    """L2 norm of each tensor in one fused kernel per device/dtype (``torch._foreach_norm``),
+    accumulated in ``dtype`` where given.
 
-    Read from torch 2.2-2.13; raises on sparse tensors (take those apart).
+    Read from torch 2.2-2.13 (``dtype`` where the installed torch accepts it, else a norm of the
+    widened tensors); raises on sparse tensors (take those apart).
     """
-    return torch._foreach_norm(list(tensors))
+    if dtype is None:
+        return torch._foreach_norm(list(tensors))
+    try:
+        return torch._foreach_norm(list(tensors), 2, dtype=dtype)
+    except TypeError:  # a torch without the dtype argument
+        return [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
 
 
 def module_parameter_slots(module: nn.Module) -> Iterator[tuple[nn.Module, str, Any]]:

@@ -445,6 +445,17 @@ class Watcher:
             return Action()
         return self._record([skipped_steps_event(step, self.consecutive_skips, scale, scaler)])
 
+    def observe_skip_run(
+        self, step: int, total: int, run: int, scale: float, scaler: str
+    ) -> Action:
+        """:meth:`observe_skipped_step` from counts read in blocks: ``total`` skips this run, the
+        last ``run`` of them in a row (an in-graph loss scaler's)."""
+        self.skipped_steps = max(self.skipped_steps, int(total))
+        before, self.consecutive_skips = self.consecutive_skips, int(run)
+        if before < SKIPPED_STEPS_EVENT <= run:
+            return self._record([skipped_steps_event(step, int(run), scale, scaler)])
+        return Action()
+
     # -- checks --------------------------------------------------------------------------------
     def disable_checks(self, step: int, reason: str, fix: str) -> Action:
         """A check could not run: checks are off for the rest of the run (norms go on).
@@ -548,6 +559,15 @@ class Watcher:
                 "norms": self._block[: len(self._block_steps)].tolist(),
             },
         }
+
+    def hold_rows(
+        self, steps: Sequence[int], names: Sequence[str], rows: Sequence[Sequence[float]]
+    ) -> None:
+        """Norm rows observed but not judged yet (a checkpoint's): judged before the next ones."""
+        self._pending_rows.extend(
+            (int(step), dict(zip(names, row, strict=True)))
+            for step, row in zip(steps, rows, strict=True)
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (the constructor's arguments always win)."""
