@@ -214,6 +214,50 @@ def bench_torch_checks(repeats: int) -> None:
         )
 
 
+def bench_float64_guard(repeats: int) -> None:
+    """Check time with the float64 guard (``gradwatch.torch.precision``) against without it."""
+    from lightning.pytorch.demos import Transformer
+
+    from gradwatch.torch.checker import TorchChecker
+
+    def demo_loss(model, batch):
+        inputs, target = batch
+        return F.nll_loss(model(inputs, target), target.view(-1))
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (8, 36), generator=g)
+    tiny = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4))
+    tiny_batch = (torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g))
+    for name, model, batch, loss in (
+        ("MLP 12-16-4 (batch 16)", tiny, tiny_batch, loss_fn),
+        ("MLP 784-256-256-10", MLP(), torch_batch("mlp"), loss_fn),
+        (
+            "Lightning demo Transformer (d=64, 2+2 layers, vocab 1000, 8x35)",
+            Transformer(vocab_size=1000, ninp=64, nhead=2, nhid=128, nlayers=2),
+            (ids[:, :-1].contiguous(), ids[:, 1:].contiguous()),
+            demo_loss,
+        ),
+    ):
+        guarded = TorchChecker(model, loss)
+        bare = TorchChecker(model, loss)
+        bare.float64_guard = False
+        for _ in range(3):  # as in a callback: the first checks choose vmap or the loop
+            guarded.check(batch)
+            bare.check(batch)
+        t = interleaved(
+            {
+                "on": lambda c=guarded, b=batch: c.check(b),
+                "off": lambda c=bare, b=batch: c.check(b),
+            },
+            repeats,
+        )
+        row(
+            f"torch {name}: check with the float64 guard / without",
+            f"{t['on'] / t['off']:.2f}x",
+            f"{1e3 * t['on']:.0f} ms vs {1e3 * t['off']:.0f} ms; " + _paths(guarded),
+        )
+
+
 def _paths(checker) -> str:
     plans = checker.batching.values()
     vm = sum(p.mode == "vmap" for p in plans)
@@ -533,6 +577,7 @@ def main() -> None:
     ap.add_argument("--write", metavar="FILE", help="write the table as Markdown")
     ap.add_argument("--skip-keras", action="store_true")
     ap.add_argument("--only-budget", action="store_true", help="only the long runs")
+    ap.add_argument("--only-guard", action="store_true", help="only the float64 guard's cost")
     args = ap.parse_args()
     repeats = 3 if args.quick else 7
     steps = 500 if args.quick else 2000
@@ -540,8 +585,12 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {THREADS} thread(s)"
     )
     print(f"gradwatch benchmarks — {machine}; torch {torch.__version__}\n")
+    if args.only_guard:
+        bench_float64_guard(repeats)
+        return
     if not args.only_budget:
         bench_torch_checks(repeats)
+        bench_float64_guard(repeats)
         bench_torch_norms(repeats)
         bench_lightning_fit(steps)
         if not args.skip_keras:

@@ -45,5 +45,22 @@ def test_file_writer_of_something_else_is_none():
     assert _compat.tensorboard_file_writer(object()) is None
 
 
+def test_uncompile_copy_binds_the_eager_methods_to_the_copy():
+    import copy
+
+    import torch
+    from lightning.pytorch.utilities.compile import from_compiled
+
+    module = from_compiled(torch.compile(Classifier(MLP()), backend="eager"))
+    assert isinstance(module._compiler_ctx, dict), (
+        "Lightning moved _compiler_ctx: update _compat.py"
+    )
+    twin = copy.deepcopy(module)
+    assert _compat.uncompile_copy(twin)
+    assert twin.training_step.__self__ is twin and twin.forward.__self__ is twin
+    assert twin._compiler_ctx is None and isinstance(module._compiler_ctx, dict)
+    assert not _compat.uncompile_copy(twin)
+
+
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__])

@@ -73,3 +73,28 @@ def test_running_stat_buffers_are_what_a_train_forward_pass_updates():
     assert int(bn.num_batches_tracked) == 1 and not torch.equal(bn.running_mean, saved[0])
     _compat.copy_tensors(stats, saved)
     assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, saved[0])
+
+
+def test_uncompiled_children_puts_the_eager_submodules_back_in_order():
+    inner = nn.Linear(2, 2)
+    model = nn.Sequential(torch.compile(inner, backend="eager"), nn.Tanh(), nn.Linear(2, 1))
+    before = list(model.parameters())
+    assert _compat.uncompiled_children(model) == 1
+    assert model[0] is inner and list(model.parameters()) == before
+    assert _compat.uncompiled_children(model) == 0
+
+
+def test_compiled_code_run_eagerly_compiles_nothing():
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: x * 2 + 1, backend=backend)
+    with _compat.compiled_code_run_eagerly():
+        assert torch.equal(fn(torch.ones(2)), torch.full((2,), 3.0))
+    assert calls == []
+    fn(torch.ones(2))
+    assert calls == [1]

@@ -7,11 +7,15 @@ silently wrong. Where an attribute is missing the functions fall back to the pub
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 
-__all__ = ["callback_metrics", "optimizer_step", "tensorboard_file_writer"]
+__all__ = ["callback_metrics", "optimizer_step", "tensorboard_file_writer", "uncompile_copy"]
+
+#: The methods ``trainer.fit(torch.compile(module))`` replaces by compiled ones.
+COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
 
 
 def optimizer_step(trainer: Trainer) -> int:
@@ -44,3 +48,28 @@ def tensorboard_file_writer(experiment: Any) -> Any:
     """
     get = getattr(experiment, "_get_file_writer", None)
     return get() if callable(get) else None
+
+
+def uncompile_copy(copy: LightningModule) -> bool:
+    """Give a copy of a compiled LightningModule its eager methods back, bound to the copy.
+
+    ``trainer.fit(torch.compile(module))`` unwraps the module and sets compiled ``forward``,
+    ``training_step``, ... as instance attributes, keeping the originals in ``_compiler_ctx``
+    (Lightning 2.2-2.6, ``utilities/compile.py``). A deep copy keeps those compiled functions, which
+    are bound to the *original* module: the copy's ``training_step`` would compute on the model,
+    not the copy (and compile it again for every new input dtype). Returns whether it did anything.
+
+    Example:
+        >>> uncompile_copy(LightningModule())
+        False
+    """
+    ctx = getattr(copy, "_compiler_ctx", None)
+    if not isinstance(ctx, dict):
+        return False
+    for name in COMPILED_METHODS:
+        original = ctx.get(f"original_{name}")
+        func = getattr(original, "__func__", None)
+        if func is not None:
+            setattr(copy, name, types.MethodType(func, copy))
+    copy._compiler_ctx = None
+    return True

@@ -17,6 +17,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.nn import functional as F
 
+from gradwatch.lightning import _compat
 from gradwatch.options import WatchConfig
 from gradwatch.torch.checker import TorchChecker
 
@@ -62,6 +63,7 @@ def _plain_batch_norm(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) ->
 def prepare_twin(trainer: Trainer, twin: nn.Module) -> None:
     """Give the copy its trainer back, silence its logging, and make it a local function."""
     if isinstance(twin, LightningModule):
+        _compat.uncompile_copy(twin)  # trainer.fit(torch.compile(module)): eager, on the copy
         twin.trainer = trainer
         twin.log = _silent  # type: ignore[method-assign]
         twin.log_dict = _silent  # type: ignore[method-assign]

@@ -6,6 +6,7 @@ fails loudly if one disappears, instead of gradwatch going silently wrong.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "compiled_code_run_eagerly",
     "compiled_original",
     "copy_tensors",
     "foreach_norm",
@@ -21,6 +23,7 @@ __all__ = [
     "optimizer_unscales_itself",
     "running_stat_buffers",
     "set_module_buffer",
+    "uncompiled_children",
 ]
 
 
@@ -31,6 +34,39 @@ def compiled_original(model: nn.Module) -> nn.Module | None:
     """
     inner = getattr(model, "_orig_mod", None)
     return inner if isinstance(inner, nn.Module) else None
+
+
+def uncompiled_children(module: nn.Module) -> int:
+    """Replace every ``torch.compile``d submodule of ``module`` by its eager original, in place.
+
+    Meant for a private copy of the model (the check's float64 twin): its parameters stay the same
+    objects and in the same order (the wrapper holds nothing but ``_orig_mod``). Returns how many
+    wrappers were removed. Read from torch 2.2-2.13 (``nn.Module._modules``, ``_orig_mod``).
+    """
+    removed = 0
+    for m in list(module.modules()):
+        for key, child in list(m._modules.items()):
+            inner = compiled_original(child) if child is not None else None
+            while inner is not None:
+                m._modules[key] = inner
+                removed += 1
+                child, inner = inner, compiled_original(inner)
+    return removed
+
+
+@contextlib.contextmanager
+def compiled_code_run_eagerly() -> Iterator[None]:
+    """``torch.compile``d functions and modules run their eager code and compile nothing.
+
+    ``torch.compiler.set_stance("force_eager")`` (torch 2.6 and later); on older torch nothing
+    changes (the check's copy has its compiled submodules unwrapped anyway).
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
 
 
 def foreach_norm(

@@ -91,7 +91,11 @@ class TorchChecker:
         self.prepare = prepare
         named = named_trainable(self.model, self.include, self.exclude)
         self.names = [n for n, _ in named]
-        self.torch_dtype = self._target_dtype(named[0][1].dtype)
+        self.model_dtype = named[0][1].dtype
+        self.torch_dtype = self._target_dtype(self.model_dtype)
+        #: The float64 guard (:mod:`gradwatch.torch.precision`) on float64 checks; ``False``
+        #: only to measure what it costs.
+        self.float64_guard = True
         self._twin: Twin | None = None
 
     def _target_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
@@ -141,11 +145,16 @@ class TorchChecker:
             device = params[0].device
             cast = cast_batch(batch, self.torch_dtype, device)
             args = (module, self.names, params, cast, self.loss_fn, eval_seed, self.torch_dtype)
+            draw, guard = self.model_dtype, self.float64_guard
             evaluator: Evaluator = (
-                Evaluator(*args)
+                Evaluator(*args, draw_dtype=draw, float64_guard=guard)
                 if self.vectorize is False
                 else BatchedEvaluator(
-                    *args, batching=self.batching, force_vmap=self.vectorize is True
+                    *args,
+                    batching=self.batching,
+                    force_vmap=self.vectorize is True,
+                    draw_dtype=draw,
+                    float64_guard=guard,
                 )
             )
             try:

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from gradwatch.core.check import Perturbation
+from gradwatch.torch import _compat
+from gradwatch.torch.precision import Float64Guard
 
 __all__ = ["Evaluator", "LossFn", "host_rng_preserved", "np_dtype"]
 
@@ -57,6 +59,9 @@ class Evaluator:
         loss_fn: LossFn,
         seed: int,
         dtype: torch.dtype,
+        *,
+        draw_dtype: torch.dtype | None = None,
+        float64_guard: bool = True,
     ) -> None:
         self.module = module
         self._names = names
@@ -72,6 +77,9 @@ class Evaluator:
         self._grads: list[torch.Tensor | None] = []
         self.evaluations = 0
         self._activation_bytes = 0
+        #: Keeps float64 evaluations in float64 whatever the step creates or casts.
+        self.guard = Float64Guard(draw_dtype) if float64_guard and dtype is torch.float64 else None
+        self._computing_depth = 0
 
     # -- Problem protocol ------------------------------------------------------------------
     @property
@@ -135,9 +143,29 @@ class Evaluator:
         return out
 
     @contextmanager
+    def computing(self) -> Iterator[None]:
+        """Where evaluations run: under the float64 guard, ``torch.compile``d code run eagerly.
+
+        Re-entrant; everything global it changes is put back on exit.
+        """
+        if self._computing_depth:
+            yield
+            return
+        self._computing_depth += 1
+        try:
+            with _compat.compiled_code_run_eagerly():
+                if self.guard is None:
+                    yield
+                else:
+                    with self.guard:
+                        yield
+        finally:
+            self._computing_depth -= 1
+
+    @contextmanager
     def _seed(self) -> Iterator[None]:
         """The evaluation seed on every generator in use; the caller's RNG streams untouched."""
-        with torch.random.fork_rng(devices=self.devices):
+        with torch.random.fork_rng(devices=self.devices), self.computing():
             torch.default_generator.manual_seed(self.seed)
             for index in self.devices:
                 torch.cuda.default_generators[index].manual_seed(self.seed)
@@ -191,7 +219,11 @@ class Evaluator:
             return t
 
         try:
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            with (
+                self.computing(),
+                torch.enable_grad(),
+                torch.autograd.graph.saved_tensors_hooks(pack, _unpack),
+            ):
                 loss = self._loss_tensor(self._call(restore=False)).reshape(())
                 self._base = float(loss.detach().item())
                 if loss.requires_grad:

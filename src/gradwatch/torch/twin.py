@@ -121,6 +121,9 @@ class Twin:
             else:
                 for p in twin.parameters():
                     p.grad = None
+                # A compiled submodule would be recompiled by float64 inputs (and count against
+                # Dynamo's recompile limit): the copy computes through the eager originals.
+                _compat.uncompiled_children(twin)
                 twin.to(device=self.device, dtype=dtype)
                 self.module = twin
         if prepare is not None and not self.in_place:
