@@ -1,6 +1,6 @@
 """False alarms on healthy models and bugs caught, over many seeds; and check cost in train steps.
 
-Run: python benchmarks/zoo_sweep.py [--seeds 20]
+Run: python benchmarks/zoo_sweep.py [--seeds 20] [--no-cost]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.torch_zoo import CNN, MLP, bugs, classify, make_batch, zoo
+from tests.helpers.torch_zoo import CNN, MLP, bugs, classify, make_batch, zoo
 
 from gradwatch.torch import check_gradients
 
@@ -74,6 +74,8 @@ def cost(repeats: int = 7) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--no-cost", action="store_true", help="skip the cost measurement")
     args = ap.parse_args()
     sweep(args.seeds)
-    cost()
+    if not args.no_cost:
+        cost()

@@ -183,3 +183,73 @@ def test_one_sided_test_does_not_hide_real_bugs_at_smooth_points():
         prob = NumpyProblem(seed, kink=True, grad_scale={0: 0.9})  # |z| is smooth away from 0
         r = run_check(prob, num_params=8, rng=np.random.default_rng(seed))
         assert ("mismatch", "layer.weight") in [(e.kind, e.param) for e in r.events], str(r)
+
+
+class QuadraticProblem:
+    """L(w) = ½·Σ(w − 1)² at distance ``d`` from its optimum; ``rounding`` adds absolute rounding
+    of the loss (to multiples of it), ``float32`` returns the loss rounded to float32."""
+
+    def __init__(self, d=3e-3, grad_scale=1.0, rounding=0.0, float32=False, noise=0.0, n=8):
+        self.w = np.full(n, 1.0 + d)
+        self.grad_scale, self.rounding, self.float32 = grad_scale, rounding, float32
+        self.noise = noise
+
+    names = property(lambda self: ["w"])
+    shapes = property(lambda self: [self.w.shape])
+    dtype = property(lambda self: np.dtype(np.float64))
+
+    def _loss(self, w):
+        value = 0.5 * float(np.sum((w - 1.0) ** 2))
+        if self.rounding:
+            value = round(value / self.rounding) * self.rounding
+        if self.noise:  # absolute rounding noise: deterministic in w, pseudo-random
+            seed = int.from_bytes(np.asarray(w, dtype=np.float64).tobytes()[-8:], "little")
+            value += self.noise * np.random.default_rng(seed).standard_normal()
+        return float(np.float32(value)) if self.float32 else value
+
+    base_loss = property(lambda self: self._loss(self.w))
+
+    def values(self, t):
+        return self.w.copy()
+
+    def gradient(self, t):
+        return (self.w - 1.0) * self.grad_scale
+
+    def losses(self, perts):
+        out = []
+        for p in perts:
+            w = self.w.copy()
+            if p.index is None:
+                w[:] = p.value
+            else:
+                w[p.index] = p.value
+            out.append(self._loss(w))
+        return np.array(out)
+
+
+@pytest.mark.parametrize("d", [3e-3, 1e-4, 1e-6])
+def test_halved_gradient_near_an_optimum_is_a_mismatch_not_a_kink(d):
+    # The one-sided gap h·L'' is large next to a small gradient, but it halves with h: smooth.
+    r = run_check(QuadraticProblem(d, grad_scale=0.5), num_params=8, rng=np.random.default_rng(0))
+    assert r.verdict == "fail", str(r)
+    assert {e.status for e in r.results} == {"mismatch"}
+    ok = run_check(QuadraticProblem(d), num_params=8, rng=np.random.default_rng(0))
+    assert ok.verdict == "pass", str(ok)
+
+
+def test_float32_loss_in_a_float64_check_is_zero_with_the_reason_never_mismatch():
+    for scale in (1.0, 0.5):
+        prob = QuadraticProblem(0.3, grad_scale=scale, float32=True)
+        r = run_check(prob, num_params=8, rng=np.random.default_rng(0))
+        assert r.verdict == "inconclusive", str(r)
+        assert {e.status for e in r.results} == {"zero"}
+        assert any("below what the loss evaluations resolve" in n for n in r.notes)
+
+
+@pytest.mark.parametrize("d", [1e-8, 1e-9])
+def test_a_loss_too_coarse_to_move_at_all_is_zero_not_mismatch(d):
+    # Every evaluation returns the same value (the change is below the loss's rounding step).
+    r = run_check(QuadraticProblem(d, rounding=1e-9), num_params=8, rng=np.random.default_rng(0))
+    assert r.verdict == "inconclusive", str(r)
+    assert {e.status for e in r.results} == {"zero"}
+    assert any("below what the loss evaluations resolve" in n for n in r.notes)

@@ -316,3 +316,146 @@ def test_nonfinite_loss_gives_event_not_crash():
 def test_dict_loss_with_loss_key_accepted():
     r = check_gradients(MLP(), make_batch("mlp"), lambda m, b: {"loss": classify(m, b)})
     assert r.verdict == "pass"
+
+
+# --- near an optimum, below float64, and kinks judged by scaling (issue 11, items 3 and 4) ---------
+
+
+def _mse(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y)
+
+
+def _trained_tanh_mlp(iterations=60):
+    """A tanh MLP (no kinks anywhere) fitted by L-BFGS to a loss of ~1e-20, gradients ~1e-10."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    y = torch.sin(x.sum(1, keepdim=True))
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        max_iter=iterations,
+        tolerance_grad=0,
+        tolerance_change=0,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = _mse(model, (x, y))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model, (x, y)
+
+
+def test_tanh_mlp_near_its_optimum_has_no_kinks_and_passes():
+    model, batch = _trained_tanh_mlp()
+    assert _mse(model, batch).item() < 1e-15
+    report = check_gradients(model, batch, _mse, num_params=81)
+    assert report.verdict == "pass", str(report)
+    assert not any(e.status == "kink" for e in report.results), str(report)
+
+
+class _Halved(torch.autograd.Function):
+    """Identity forward, backward that halves the gradient: a bug at a smooth point."""
+
+    @staticmethod
+    def forward(ctx, w):
+        return w.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 0.5 * grad
+
+
+class _Quadratic(nn.Module):
+    def __init__(self, distance, bug):
+        super().__init__()
+        self.w = nn.Parameter(torch.full((8,), 1.0 + distance))
+        self.bug = bug
+
+    def forward(self, target):
+        w = _Halved.apply(self.w) if self.bug else self.w
+        return 0.5 * ((w - target) ** 2).sum()
+
+
+@pytest.mark.parametrize("distance", [3e-3, 1e-4])
+def test_halved_backward_near_a_quadratic_optimum_is_a_mismatch(distance):
+    def loss(m, b):
+        return m(b)
+
+    report = check_gradients(_Quadratic(distance, bug=True), torch.ones(8), loss)
+    assert report.verdict == "fail", str(report)
+    assert [(e.kind, e.param) for e in report.events] == [("mismatch", "w")]
+    with pytest.raises(GradientCheckError):
+        assert_gradients(_Quadratic(distance, bug=True), torch.ones(8), loss)
+    assert check_gradients(_Quadratic(distance, bug=False), torch.ones(8), loss).verdict == "pass"
+
+
+def _overfit_classifier(scale):
+    """A classifier trained to ~1e-4 cross-entropy, its output layer scaled: logits up to 15·scale."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        model[2].weight.mul_(scale)
+        model[2].bias.mul_(scale)
+    return model, (x, y)
+
+
+@pytest.mark.parametrize(("scale", "loss_below"), [(2.0, 1e-8), (3.0, 1e-11), (4.0, 1e-15)])
+def test_overfit_classifier_with_absolute_rounding_never_mismatches(scale, loss_below):
+    model, batch = _overfit_classifier(scale)
+    with torch.no_grad():
+        logits = model(batch[0]).double()
+    assert nn.functional.cross_entropy(logits, batch[1]).item() < loss_below
+    assert logits.abs().max().item() > 25
+    report = check_gradients(model, batch, classify, num_params=64)
+    assert report.verdict != "fail", str(report)
+    assert not any(e.status == "mismatch" for e in report.results)
+    if report.verdict == "inconclusive" and any(e.status == "zero" for e in report.results):
+        assert any("below what the loss evaluations resolve" in n for n in report.notes)
+
+
+def test_float32_loss_inside_the_float64_copy_is_inconclusive_with_the_reason():
+    # F.binary_cross_entropy_with_logits(logits, y.float()) computes in float32 on the copy.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 1))
+    batch = (torch.randn(32, 10), torch.randint(0, 2, (32,)))
+
+    def bce(m, b):
+        return nn.functional.binary_cross_entropy_with_logits(m(b[0])[:, 0], b[1].float())
+
+    report = check_gradients(model, batch, bce)
+    assert report.verdict == "inconclusive", str(report)
+    assert not report.events
+    assert any("below what the loss evaluations resolve" in n for n in report.notes)
+
+
+def test_relu_at_its_kink_is_a_kink_and_relu_networks_pass():
+    class AtKink(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(6))
+
+        def forward(self, x):
+            return (torch.relu(self.w) * x).sum()  # relu'(0) = 0 by convention: one side
+
+    report = check_gradients(AtKink(), torch.ones(6), lambda m, b: m(b))
+    assert report.verdict == "inconclusive", str(report)
+    assert {e.status for e in report.results} == {"kink"}
+    torch.manual_seed(0)
+    relu = nn.Sequential(
+        nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
+    )
+    for seed in range(3):
+        r = check_gradients(relu, make_batch("mlp", seed), classify, num_params=64, seed=seed)
+        assert r.verdict == "pass", str(r)

@@ -44,6 +44,9 @@ class Entry:
     loss_minus: float = 0.0
     step_plus: float = 0.0
     step_minus: float = 0.0
+    half_plus: float = 0.0
+    half_minus: float = 0.0
+    unresolved: bool = False
 
 
 @dataclass
