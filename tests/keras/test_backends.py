@@ -18,15 +18,16 @@ pytestmark = [
 ]
 
 
-def run(backend: str, tmp_path: Path) -> dict:
+def run(backend: str, tmp_path: Path, x64: bool = False) -> dict:
     out = tmp_path / f"{backend}.json"
+    extra = {"JAX_ENABLE_X64": "1"} if x64 else {}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "scripts" / "keras_backend_script.py"), str(out)],
         capture_output=True,
         text=True,
         timeout=400,
         cwd=ROOT,
-        env={**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        env={**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", **extra},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
@@ -38,9 +39,23 @@ def test_core_checks_on_backend(backend, tmp_path):
         pytest.skip("jax not installed")
     result = run(backend, tmp_path)
     assert result["backend"] == backend
+    # torch: float64 end to end (Keras' 64-to-32-bit result types are lifted during checks);
+    # JAX without JAX_ENABLE_X64 computes in float32 and the report says so.
+    want = "float64" if backend == "torch" else "float32"
     for name, r in result["healthy"].items():
         assert r["verdict"] == "pass", (name, r)
         assert r["unchanged"], name
+        assert r["dtype"] == want, (name, r)
+    for name, r in result["unclonable"].items():
+        assert r["dtype"] == want, (name, r)
+        if name != "scaled_0.9":
+            assert r["verdict"] == "pass", (name, r)
+        elif backend == "torch":  # in float32 (JAX without x64) a x0.9 bug is below resolution
+            assert r["verdict"] == "fail", (name, r)
+    if backend == "torch":
+        assert all(not r["notes"] for r in result["healthy"].values())
+    else:
+        assert all("JAX_ENABLE_X64" in r["notes"][0] for r in result["healthy"].values())
     assert result["bug"]["verdict"] == "fail"
     assert ["disconnected", "sequential_1/cut/kernel"] in result["bug"]["events"] or any(
         kind == "disconnected" and param.endswith("cut/kernel")
@@ -53,3 +68,14 @@ def test_core_checks_on_backend(backend, tmp_path):
         # The guard: the NaN batch's update skipped, fit halted on its step.
         assert result["nan"]["events"] == [["nonfinite", 3]]
         assert result["nan"]["finite"] and result["nan"]["iterations"] == 2
+
+
+def test_jax_with_x64_checks_in_float64(tmp_path):
+    """With JAX_ENABLE_X64=1 the check is float64 and a x0.9 backward bug is caught (before,
+    Keras' result types demoted float64 to float32 inside the model: quotients were noise)."""
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax not installed")
+    result = run("jax", tmp_path, x64=True)
+    for name, r in {**result["healthy"], **result["unclonable"]}.items():
+        assert r["dtype"] == "float64", (name, r)
+        assert r["verdict"] == ("fail" if name == "scaled_0.9" else "pass"), (name, r)

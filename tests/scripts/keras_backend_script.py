@@ -23,6 +23,104 @@ class ScaledDense(keras.layers.Dense):
         return keras.ops.matmul(x, keras.ops.stop_gradient(self.kernel)) + self.bias
 
 
+def scaled_identity(scale: float):
+    """Identity forward, ``scale * g`` backward: a small backward bug on any backend."""
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        class Scaled(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                return scale * g
+
+        return Scaled.apply
+    if backend == "jax":
+        import jax
+
+        @jax.custom_vjp
+        def fn(x):
+            return x
+
+        fn.defvjp(lambda x: (x, None), lambda _, g: (scale * g,))
+        return fn
+    from tests.helpers.keras_bugs_tf import scaled_identity as tf_scaled
+
+    return tf_scaled(scale)
+
+
+class NoConfig(keras.layers.Layer):
+    """A layer without get_config; ``scale`` plants a backward bug after its matmul."""
+
+    def __init__(self, units, scale=None):
+        super().__init__()
+        self.units = units
+        self.fn = scaled_identity(scale) if scale is not None else (lambda h: h)
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1], self.units), initializer="glorot_uniform")
+
+    def call(self, x):
+        return self.fn(keras.ops.matmul(x, self.w))
+
+    def get_config(self):
+        raise NotImplementedError
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.first = keras.layers.Dense(16)
+        self.head = keras.layers.Dense(4)
+
+    def call(self, x, training=False):
+        return self.head(keras.ops.tanh(self.first(x)))
+
+
+def unclonable() -> dict[str, object]:
+    """Float64 on models clone_model cannot copy, and a x0.9 backward bug caught."""
+    out: dict[str, object] = {}
+    x, y = km.data("mlp")
+    keras.utils.set_random_seed(0)
+    sub = Subclassed()
+    sub(x[:2])
+    models = {
+        "subclassed": km.compiled(sub),
+        "no_config": km.compiled(
+            keras.Sequential([keras.Input((12,)), NoConfig(16), keras.layers.Dense(4)])
+        ),
+        "lambda_loss": km.compiled(
+            keras.Sequential([keras.Input((12,)), keras.layers.Dense(16), keras.layers.Dense(4)]),
+            loss=lambda yt, yp: keras.ops.mean(
+                (yp - keras.ops.one_hot(keras.ops.cast(yt, "int32"), 4)) ** 2, axis=-1
+            ),
+        ),
+        "scaled_0.9": km.compiled(
+            keras.Sequential(
+                [
+                    keras.Input((12,)),
+                    NoConfig(16, scale=0.9),
+                    keras.layers.Activation("tanh"),
+                    keras.layers.Dense(4),
+                ]
+            )
+        ),
+    }
+    for name, model in models.items():
+        r = check_gradients(model, x, y)
+        out[name] = {
+            "verdict": r.verdict,
+            "dtype": r.dtype,
+            "max_rel_error": r.max_rel_error,
+            "notes": list(r.notes),
+        }
+    return out
+
+
 def main() -> None:
     out: dict[str, object] = {"backend": keras.backend.backend()}
     verdicts = {}
@@ -35,10 +133,13 @@ def main() -> None:
         after = [np.array(keras.ops.convert_to_numpy(v.value)) for v in model.variables]
         verdicts[name] = {
             "verdict": r.verdict,
+            "dtype": r.dtype,
+            "max_rel_error": r.max_rel_error,
             "notes": list(r.notes),
             "unchanged": all(np.array_equal(a, b) for a, b in zip(before, after, strict=True)),
         }
     out["healthy"] = verdicts
+    out["unclonable"] = unclonable()
     keras.utils.set_random_seed(0)
     bad = km.compiled(
         keras.Sequential(

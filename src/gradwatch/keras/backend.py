@@ -13,6 +13,12 @@ __all__ = ["floatx", "to_numpy", "torch_rng", "value_and_grad"]
 
 
 def to_numpy(x: Any) -> np.ndarray[Any, Any]:
+    if isinstance(x, keras.Variable):
+        x = x.value
+    if hasattr(x, "read_value") and hasattr(x, "assign"):
+        # A tf.Variable: numpy 2 warns when one is converted directly (its __array__ takes no
+        # copy argument); read it as a tensor first.
+        x = x.read_value()
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 

@@ -9,7 +9,7 @@ file.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -41,6 +41,11 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             a ``keras.utils.PyDataset`` (its first batch is used). Without it the callback checks
             the live training batches (TensorFlow and torch backends).
         log_dir: TensorBoard summaries go to ``<log_dir>/gradwatch``; ``None`` writes none.
+        loss_fn: ``loss_fn(model, data) -> scalar`` to check instead of the compiled loss, with
+            ``data`` as ``train_step`` receives it (the same meaning as the Lightning callback's
+            ``loss_fn``): for a model with its own ``train_step``. Evaluated in float64 like the
+            compiled loss. A model that overrides ``train_step`` without it gets one warning at
+            ``on_train_begin`` (the compiled loss is checked instead; with none, no check runs).
 
     Raises:
         ValueError: At construction, a bad argument (the message names it, the allowed values
@@ -82,9 +87,13 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         jsonl_path: str | None = None,
         data: Any = None,
         log_dir: str | None = None,
+        loss_fn: Callable[[Any, Any], Any] | None = None,
     ) -> None:
         super().__init__()
         self.config = WatchConfig.from_arguments(locals())
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable as loss_fn(model, data), got {loss_fn!r}")
+        self.loss_fn = loss_fn
         check_probe_data(data)
         log_dir = check_path("log_dir", log_dir)
         if log_dir is not None:
@@ -109,7 +118,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
 
     def get_config(self) -> dict[str, Any]:
         config = self.config.to_dict()
-        config.update(data=None, log_dir=self.log_dir)
+        config.update(data=None, log_dir=self.log_dir, loss_fn=None)
         return config
 
     # -- installation --------------------------------------------------------------------------
@@ -159,6 +168,8 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             explode=self.config.explode_threshold if policies["on_explode"] in stops else None,
         )
         self._epoch_base = self._step
+        if w.checks_on and self.loss_fn is None:
+            self._act(self._judge_train_step(model))
 
     def _check_selection(self) -> None:
         """``ValueError`` when ``include``/``exclude`` select none of the trainable variables."""
@@ -183,6 +194,33 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
                 f"{exc} in the model built during fit, so checks are switched off for this run "
                 f"(norms go on): pass include/exclude patterns that match its variable paths",
             )
+        return Action()
+
+    def _judge_train_step(self, model: Any) -> Action:
+        """One message when the model has its own ``train_step`` and no ``loss_fn`` was given:
+        a warning that the compiled loss is checked instead, or (with none) the ``unchecked``
+        event saying no check can run."""
+        owner = _train_step_owner(model)
+        if owner is None:
+            return Action()
+        fix = (
+            "pass GradWatch(loss_fn=lambda model, data: <the scalar loss train_step computes>), "
+            "data as train_step receives it"
+        )
+        if getattr(model, "loss", None) is None:
+            self._watcher.checks_on = False  # the unchecked event is the only message about it
+            return self._watcher.unchecked(
+                self._step,
+                "train-step",
+                f"{owner} overrides train_step and the model has no compiled loss, so no "
+                f"gradient check can run (norms are still recorded): {fix}",
+            )
+        self._watcher.warn_once(
+            "train-step",
+            f"GradWatch: {owner} overrides train_step; checks use the compiled loss "
+            f"({_loss_name(model.loss)}), not what {owner}.train_step computes (norms are "
+            f"recorded from the gradients it applies): to check train_step's own loss, {fix}",
+        )
         return Action()
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
@@ -309,18 +347,21 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
                 f"GradWatch: under jit_compile=True checks use the first {kept} rows of batches "
                 f"of {total} (the XLA-safe batch capture holds {kept} rows)",
             )
-        x, y, sw = keras.utils.unpack_x_y_sample_weight(
-            tuple(batch) if isinstance(batch, list) else batch
-        )
+        batch = tuple(batch) if isinstance(batch, list) else batch
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(batch)
         report = None
         try:
             model = self.model  # on JAX, Callback.model syncs the variables out of the jitted state
             if self._checker is None or self._checker.model is not model:
-                self._checker = KerasChecker(model, **self.config.check_arguments)
+                self._checker = KerasChecker(
+                    model, loss_fn=self.loss_fn, **self.config.check_arguments
+                )
+            live = self._probe is None and self.loss_fn is not None
             report = self._checker.check(
                 x,
                 y,
                 sw,
+                data=batch if live else None,  # loss_fn gets the batch as train_step got it
                 step=step,
                 tensors=w.tensors_for_check(len(self._checker.names)),
                 sample_seed=(self.config.seed, step),
@@ -336,3 +377,19 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         if report is not None:
             self._last_error = report.max_rel_error
         return w.observe_report(report, step, time.perf_counter() - started)
+
+
+def _train_step_owner(model: Any) -> str | None:
+    """The name of the user class that defines ``train_step`` (``None``: Keras' own)."""
+    for cls in type(model).__mro__:
+        if "train_step" in vars(cls):
+            return None if cls.__module__.split(".")[0] == "keras" else cls.__qualname__
+    return None
+
+
+def _loss_name(loss: Any) -> str:
+    if isinstance(loss, str):
+        return repr(loss)
+    return str(
+        getattr(loss, "name", None) or getattr(loss, "__name__", None) or type(loss).__name__
+    )

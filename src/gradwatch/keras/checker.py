@@ -1,16 +1,17 @@
 """``check_gradients`` / ``assert_gradients`` for Keras 3 models, and the reusable checker.
 
-The check computes the model's loss at arbitrary parameter values without touching the model: a
-float64 twin (:mod:`gradwatch.keras.twin`) is evaluated inside a ``keras.StatelessScope`` in
-training mode, with the non-trainable state (BatchNorm statistics, dropout seed state) held fixed so
-every evaluation draws the same dropout mask, and the updated state discarded. Gradients come from
-the backend's own autodiff (:mod:`gradwatch.keras.backend`).
+The check computes the model's loss at arbitrary parameter values without touching the model: the
+model itself is evaluated in float64 (:class:`gradwatch.keras.twin.Float64Evaluation`: float64
+policies, values and loss for one call, inside a ``keras.StatelessScope``) in training mode, with
+every other variable (BatchNorm statistics, dropout seed state) held at its value so every
+evaluation draws the same dropout mask, and whatever the evaluation assigns discarded. Gradients
+come from the backend's own autodiff (:mod:`gradwatch.keras.backend`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -20,8 +21,8 @@ import numpy.typing as npt
 from gradwatch import options as v
 from gradwatch.core.assertion import raise_unless_verified
 from gradwatch.core.check import Perturbation, check_problem
-from gradwatch.keras.backend import floatx, to_numpy, torch_rng, value_and_grad
-from gradwatch.keras.twin import build_twin, compiled_loss, model_dtype
+from gradwatch.keras.backend import to_numpy, torch_rng, value_and_grad
+from gradwatch.keras.twin import Float64Evaluation, compiled_loss, model_dtype
 from gradwatch.report import CheckReport
 
 __all__ = [
@@ -37,63 +38,45 @@ class _Problem:
     def __init__(
         self,
         checker: KerasChecker,
-        x: Any,
-        y: Any,
-        sample_weight: Any,
-        chosen: list[int],
+        batch: tuple[Any, ...],
         eval_seed: int,
     ) -> None:
         self.c = checker
-        twin = checker.twin
         dtype = checker.dtype_name
         self._names = checker.names
-        src_tr = [checker.trainable_sources[i] for i in range(len(checker.names))]
-        self._values = [np.asarray(to_numpy(w.value), dtype=dtype) for w in src_tr]
+        self._values = [
+            np.asarray(to_numpy(w.value)).astype(dtype) for w in checker.trainable_sources
+        ]
         self._shapes = [tuple(a.shape) for a in self._values]
-        # Non-trainable state in the twin's dtypes (seed states stay integers).
-        self._ntr = [
-            keras.ops.convert_to_tensor(
-                np.asarray(to_numpy(src.value)).astype(dst.dtype, copy=False), dtype=dst.dtype
-            )
-            for src, dst in zip(
-                checker.model.non_trainable_variables, twin.non_trainable_variables, strict=True
-            )
-        ]
-        self._frozen_trainable = [
-            keras.ops.convert_to_tensor(
-                np.asarray(to_numpy(w.value)).astype(w.dtype), dtype=w.dtype
-            )
-            for w in checker.frozen_twin_vars
-        ]
-        self.x = _cast_tree(x, dtype)
-        self.y = _cast_tree(y, dtype)
-        self.sample_weight = _cast_tree(sample_weight, dtype)
+        # The other variables' values, floats in the check dtype (seed states stay integers).
+        self._frozen = [_value_in(w, dtype) for w in checker.frozen_vars]
+        self.batch = _cast_tree(batch, dtype)
         self.eval_seed = eval_seed
         self.precision = dtype
         self.notes: list[str] = []
         probe = [keras.ops.convert_to_tensor(a, dtype=dtype) for a in self._values]
         with torch_rng(eval_seed):
-            probe_loss = float(to_numpy(self._loss(probe)))
-        if dtype == "float64" and keras.backend.backend() == "torch":
-            # Measured with Keras 3.15: on the torch backend the float64 twin's loss carries noise
-            # of float32 size (about 1e-7 relative): finite differences at a float64 step would
-            # be noise. Step and judge as in float32.
-            self.precision = "float32"
-            self.notes.append(
-                "on Keras' torch backend the loss has float32-grade noise, so this check runs "
-                "with float32 steps and tolerances: only gross bugs are visible"
-            )
-        elif (
-            dtype == "float64" and probe_loss != 0.0 and float(np.float32(probe_loss)) == probe_loss
+            probe_out = self._loss(probe)
+        probe_loss = float(to_numpy(probe_out))
+        loss_dtype = str(keras.backend.standardize_dtype(probe_out.dtype))
+        checker.loss_dtype = loss_dtype
+        if dtype == "float64" and (
+            loss_dtype != "float64"
+            or (probe_loss != 0.0 and float(np.float32(probe_loss)) == probe_loss)
         ):
             # A float64 loss that is exactly a float32 number was rounded to float32 on the way
-            # (the torch backend's loss reduction in Keras 3.15 does this; the chance that a true
+            # (JAX without jax_enable_x64 makes every array float32; the chance that a true
             # float64 value lands on the float32 grid is about 2**-29). Judge the check as a
             # float32 one rather than cry wolf.
             self.precision = "float32"
             self.notes.append(
-                f"Keras rounded the loss to float32 on the {keras.backend.backend()} backend, so "
-                f"this check has float32 resolution: only gross bugs are visible"
+                f"the loss came out in float32 on the {keras.backend.backend()} backend"
+                + (
+                    " (JAX computes in float32 unless JAX_ENABLE_X64=1)"
+                    if keras.backend.backend() == "jax"
+                    else ""
+                )
+                + ", so this check has float32 resolution: only gross bugs are visible"
             )
             self._values = [a.astype("float32").astype(dtype) for a in self._values]
         base_vals = [keras.ops.convert_to_tensor(a, dtype=dtype) for a in self._values]
@@ -102,9 +85,7 @@ class _Problem:
         self.evaluations = 1
 
     def _loss(self, values: Sequence[Any]) -> Any:
-        return self.c.loss_at(
-            list(values), self._frozen_trainable, self._ntr, self.x, self.y, self.sample_weight
-        )
+        return self.c.loss_at(list(values), self._frozen, self.batch)
 
     names = property(lambda self: self._names)
     shapes = property(lambda self: self._shapes)
@@ -136,6 +117,14 @@ class _Problem:
         return out
 
 
+def _value_in(variable: Any, dtype: str) -> Any:
+    """A variable's current value as a tensor, floats cast to ``dtype`` (exactly: a widening)."""
+    arr = np.asarray(to_numpy(variable.value))
+    if np.issubdtype(arr.dtype, np.floating):
+        return keras.ops.convert_to_tensor(arr.astype(dtype), dtype=dtype)
+    return keras.ops.convert_to_tensor(arr, dtype=str(variable.dtype))
+
+
 def _cast_tree(data: Any, dtype: str) -> Any:
     """Floating arrays/tensors in a nested structure → ``dtype``; integers stay as they are."""
     if data is None:
@@ -156,6 +145,8 @@ class KerasChecker:
     Args:
         model: A built Keras 3 model.
         loss: Anything ``model.compile(loss=...)`` accepts; default the model's compiled loss.
+        loss_fn: ``loss_fn(model, data) -> scalar`` checked instead of a loss, ``data`` as
+            ``train_step`` receives it (for models with their own ``train_step``).
         num_params, mode, dtype, eps, rtol, seed, include, exclude: as :func:`check_gradients`.
     """
 
@@ -164,6 +155,7 @@ class KerasChecker:
         model: Any,
         *,
         loss: Any = None,
+        loss_fn: Callable[[Any, Any], Any] | None = None,
         num_params: int = 32,
         mode: str = "coordinate",
         dtype: str | None = "float64",
@@ -175,6 +167,8 @@ class KerasChecker:
     ) -> None:
         if not isinstance(model, keras.Model):
             raise ValueError(f"model must be a keras.Model, got {type(model).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable as loss_fn(model, data), got {loss_fn!r}")
         o = v.CheckOptions.validate(
             num_params=num_params,
             mode=mode,
@@ -190,7 +184,7 @@ class KerasChecker:
         inc, exc = o.include, o.exclude
         if not model.built:
             raise ValueError("the model is not built: call it on data or build() it first")
-        if loss is None:
+        if loss is None and loss_fn is None:
             loss = compiled_loss(model)
             if loss is None:
                 raise ValueError(
@@ -198,6 +192,7 @@ class KerasChecker:
                 )
         self.model = model
         self.loss = loss
+        self.loss_fn = loss_fn
         trainable = [w for w in model.trainable_variables if "float" in str(w.dtype)]
         if not trainable:
             raise ValueError("the model has no trainable floating-point variables to check")
@@ -207,53 +202,49 @@ class KerasChecker:
         self.dtype_name = {"float64": "float64", "float32": "float32", None: own_dtype}[dt]
         if self.dtype_name not in ("float64", "float32"):
             self.dtype_name = "float32"
-        twin, self.notes = build_twin(model, loss, self.dtype_name)
-        if twin is model and own_dtype != self.dtype_name:
-            self.dtype_name = own_dtype if own_dtype in ("float64", "float32") else "float32"
-        self.twin = twin
-        if twin is model and not model.compiled:
-            raise ValueError("the model must be compiled (or loss= given and the model clonable)")
-        twin_trainable = [w for w in twin.trainable_variables if "float" in str(w.dtype)]
+        self.notes: list[str] = []
+        self.evaluation = Float64Evaluation(model, None if loss_fn else loss, self.dtype_name)
         self.names = [trainable[i].path for i in chosen]
         self.trainable_sources = [trainable[i] for i in chosen]
-        self.checked_twin_vars = [twin_trainable[i] for i in chosen]
-        self.frozen_twin_vars = [w for i, w in enumerate(twin_trainable) if i not in set(chosen)]
-        self.frozen_twin_vars += [
-            w for w in twin.trainable_variables if "float" not in str(w.dtype)
-        ]
-
+        checked = {id(w) for w in self.trainable_sources}
+        # Every other variable (frozen weights, BatchNorm statistics, seed state) is given its
+        # current value too, so every evaluation sees the same state whatever it assigns.
+        self.frozen_vars = [w for w in model.variables if id(w) not in checked]
+        self.loss_dtype: str | None = None  # the dtype the loss came out in (after a check)
         self.traces = 0
         self._compiled: Any = None
+        self._eager_done = False
 
-    def _loss_eager(
-        self, values: list[Any], frozen: list[Any], ntr: list[Any], x: Any, y: Any, sw: Any
-    ) -> Any:
+    def _loss_eager(self, values: list[Any], frozen: list[Any], batch: Any) -> Any:
         self.traces += 1
-        twin = self.twin
-        mapping = list(zip(self.checked_twin_vars, values, strict=True))
-        mapping += list(zip(self.frozen_twin_vars, frozen, strict=True))
-        mapping += list(zip(twin.non_trainable_variables, ntr, strict=True))
-        mapping += [(m, m.value) for m in twin.metrics_variables]
-        with floatx(self.dtype_name), keras.StatelessScope(state_mapping=mapping):
-            y_pred = twin(x, training=True)
-            loss = twin.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw, training=True)
+        model = self.model
+        mapping = list(zip(self.trainable_sources, values, strict=True))
+        mapping += list(zip(self.frozen_vars, frozen, strict=True))
+        with self.evaluation.active(mapping):
+            if self.loss_fn is not None:
+                loss = self.loss_fn(model, batch)
+            else:
+                x, y, sw = batch
+                y_pred = model(x, training=True)
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw, training=True)
         return loss
 
-    def loss_at(
-        self, values: list[Any], frozen: list[Any], ntr: list[Any], x: Any, y: Any, sw: Any
-    ) -> Any:
-        """The twin's training loss at the given values; compiled once on TensorFlow.
+    def loss_at(self, values: list[Any], frozen: list[Any], batch: Any) -> Any:
+        """The model's training loss (in the check dtype) at the given values.
 
-        Parameter values and data are arguments of one ``tf.function``, so new coordinates, new
-        values and new batches of the same shape reuse the trace (``traces`` counts them).
+        On TensorFlow one ``tf.function`` after a first eager evaluation (which builds the
+        float64 loss's own state): parameter values and data are its arguments, so new
+        coordinates, new values and new batches of the same shape reuse the trace (``traces``
+        counts them).
         """
-        if keras.backend.backend() != "tensorflow":
-            return self._loss_eager(values, frozen, ntr, x, y, sw)
+        if keras.backend.backend() != "tensorflow" or not self._eager_done:
+            self._eager_done = True
+            return self._loss_eager(values, frozen, batch)
         if self._compiled is None:
             import tensorflow as tf
 
             self._compiled = tf.function(self._loss_eager, reduce_retracing=True)
-        return self._compiled(values, frozen, ntr, x, y, sw)
+        return self._compiled(values, frozen, batch)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -266,16 +257,23 @@ class KerasChecker:
         y: Any = None,
         sample_weight: Any = None,
         *,
+        data: Any = None,
         step: int | None = None,
         tensors: Sequence[int] | None = None,
         sample_seed: Sequence[int] | int | None = None,
     ) -> CheckReport:
-        """One check on ``(x, y, sample_weight)``; the model is left exactly as it was."""
+        """One check on ``(x, y, sample_weight)`` (with ``loss_fn``: on ``data``, as
+        ``train_step`` receives it; default ``(x, y, sample_weight)`` packed as Keras packs it);
+        the model is left exactly as it was."""
         started = time.perf_counter()
         rng = np.random.default_rng(self.seed if sample_seed is None else sample_seed)
         eval_seed = int(rng.integers(2**31))
         chosen = list(range(len(self.names))) if tensors is None else list(tensors)
-        problem = _Problem(self, x, y, sample_weight, chosen, eval_seed)
+        if self.loss_fn is not None:
+            batch = data if data is not None else _pack(x, y, sample_weight)
+        else:
+            batch = (x, y, sample_weight)
+        problem = _Problem(self, batch, eval_seed)
         return check_problem(
             problem,
             tensors=chosen,
@@ -288,6 +286,15 @@ class KerasChecker:
             notes=list(self.notes) + problem.notes,
             started=started,
         )
+
+
+def _pack(x: Any, y: Any, sample_weight: Any) -> Any:
+    """``(x, y, sample_weight)`` as ``fit`` hands a batch to ``train_step``."""
+    if y is None and sample_weight is None:
+        return (x,)
+    if sample_weight is None:
+        return (x, y)
+    return (x, y, sample_weight)
 
 
 def check_gradients(

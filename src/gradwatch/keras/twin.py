@@ -1,30 +1,57 @@
-"""The float64 twin of a Keras model: layers cloned in float64, the loss rebuilt as float64 objects."""
+"""The float64 evaluation of a Keras model: the model itself, computing in float64 for one call.
+
+No clone and no serialization (which silently fell back to float32 for subclassed models, layers
+without ``get_config`` and function or lambda losses). For the duration of one evaluation
+(:meth:`Float64Evaluation.active`, ``try/finally``):
+
+- every float layer's dtype policy is ``float64`` (inputs are cast to it, constants made in it);
+- the variables' values are the float64 values given, written into a ``keras.StatelessScope``
+  with ``add_update`` (the scope's ``state_mapping`` would cast them back to the variables' own
+  dtype), and read under a float64 autocast scope (``variable.dtype`` says float64 too);
+- the loss is a float64 ``CompileLoss`` in place of ``model._compile_loss``, so a custom
+  ``compute_loss`` still runs and calls it; ``floatx()`` is float64, and loss objects the model
+  or a ``loss_fn`` holds compute in float64 too;
+- on the torch and JAX backends Keras' result-type rules keep float64 (``_compat``).
+
+Afterwards every variable, policy, the compiled loss and ``floatx`` are as before: assignments
+made during the evaluation (BatchNorm statistics, seed state, metrics) went into the scope and
+are discarded.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
-import warnings
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
 
-__all__ = ["build_twin", "compiled_loss", "loss_in", "model_dtype"]
+from gradwatch.keras import _compat
+
+__all__ = ["Float64Evaluation", "compiled_loss", "loss_in", "model_dtype", "scope_name"]
 
 
-def _retype(layer: Any, dtype: str) -> Any:
-    config = layer.get_config()
-    if "dtype" not in config:
-        return layer.__class__.from_config(config)
-    config["dtype"] = dtype
-    return layer.__class__.from_config(config)
+def scope_name(name: str) -> str:
+    """A name TensorFlow accepts as a name scope (``"<lambda>"`` is not one).
+
+    Example:
+        >>> scope_name("<lambda>")
+        'lambda'
+    """
+    clean = re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_")
+    if not clean or not re.match(r"[A-Za-z0-9.]", clean[0]):
+        clean = f"loss_{clean}".rstrip("_")
+    return clean
 
 
 class _FunctionLoss(keras.losses.Loss):  # type: ignore[misc]
     """A loss function as a ``Loss`` object with an explicit dtype (inputs are cast to it)."""
 
     def __init__(self, fn: Callable[..., Any], dtype: str, reduction: str | None = "none") -> None:
-        super().__init__(name=getattr(fn, "__name__", "loss"), dtype=dtype, reduction=reduction)
+        name = getattr(fn, "__name__", None) or type(fn).__name__
+        super().__init__(name=scope_name(str(name)), dtype=dtype, reduction=reduction)
         self.fn = fn
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
@@ -32,14 +59,10 @@ class _FunctionLoss(keras.losses.Loss):  # type: ignore[misc]
 
 
 class _Reduced(keras.losses.Loss):  # type: ignore[misc]
-    """Reduces an unreduced loss itself, in its dtype.
-
-    Keras 3.15 reduces ``sum_over_batch_size`` with ``ops.divide_no_nan``, which returns float32
-    for float64 inputs on the torch backend; a plain division keeps float64 everywhere.
-    """
+    """Reduces an unreduced loss itself, in its dtype (a plain division: no ``divide_no_nan``)."""
 
     def __init__(self, inner: keras.losses.Loss, reduction: str | None, dtype: str) -> None:
-        super().__init__(name=inner.name, dtype=dtype, reduction=None)
+        super().__init__(name=scope_name(inner.name), dtype=dtype, reduction=None)
         self.inner = inner
         self.mode = reduction or "none"
 
@@ -57,7 +80,11 @@ class _Reduced(keras.losses.Loss):  # type: ignore[misc]
 
 
 def loss_in(loss: Any, dtype: str) -> Any:
-    """The same loss (structure kept) as explicit objects computing in ``dtype``."""
+    """The same loss (structure kept) as explicit objects computing in ``dtype``.
+
+    Strings, ``Loss`` objects, plain functions and lambdas; a ``Loss`` that cannot be rebuilt
+    from its config is wrapped as it is.
+    """
     if loss is None:
         return None
     if isinstance(loss, Mapping):
@@ -83,43 +110,80 @@ def compiled_loss(model: Any) -> Any:
     return getattr(model, "loss", None)
 
 
-def build_twin(model: Any, loss: Any, dtype: str) -> tuple[Any, list[str]]:
-    """A clone of ``model`` in ``dtype`` compiled with ``loss`` in ``dtype``; or the model itself."""
-    notes: list[str] = []
-    twin = model
-    if dtype != model_dtype(model):
-        try:
-            twin = keras.models.clone_model(
-                model, clone_function=lambda layer: _retype(layer, dtype)
-            )
-            if not twin.built:
-                twin.build(model.input_shape if hasattr(model, "input_shape") else None)
-            if len(twin.weights) != len(model.weights):
-                raise ValueError("the clone has different weights")
-        except Exception as exc:
-            twin = model
-            note = (
-                f"the model could not be cloned in {dtype} ({type(exc).__name__}: {exc}); checked "
-                f"in {model_dtype(model)} instead, where bugs smaller than about 40% of a "
-                f"gradient are invisible"
-            )
-            notes.append(note)
-            warnings.warn(f"gradwatch: {note}", UserWarning, stacklevel=4)
-    if twin is not model:
-        compile_config = model.get_compile_config() if model.compiled else {}
-        weights = (compile_config or {}).get("loss_weights")
-        # CompileLoss takes its dtype from floatx when it is created: create it under `dtype`,
-        # or it casts y_pred back to float32 and every quotient comes out quantised.
-        floatx = keras.config.floatx()
-        try:
-            keras.config.set_floatx(dtype)
-            twin.compile(loss=loss_in(loss, dtype), loss_weights=weights)
-        finally:
-            keras.config.set_floatx(floatx)
-    return twin, notes
-
-
 def model_dtype(model: Any) -> str:
     for w in model.trainable_weights:
         return str(w.dtype)
     return str(keras.config.floatx())
+
+
+class Float64Evaluation:
+    """Evaluations of ``model`` itself in ``dtype``, reversibly.
+
+    Args:
+        model: A built Keras model.
+        loss: The loss to put in place of the compiled one (anything ``compile(loss=...)``
+            takes), or ``None`` when the caller computes the loss itself (``loss_fn``).
+        dtype: ``"float64"`` or ``"float32"``.
+    """
+
+    def __init__(self, model: Any, loss: Any, dtype: str) -> None:
+        self.model = model
+        self.dtype = dtype
+        self.compile_loss: Any = None
+        if loss is not None:
+            weights = _compat.compile_loss_weights(model)
+            with _floatx(dtype):  # CompileLoss takes its dtype from floatx when it is created
+                self.compile_loss = _compat.compile_loss(
+                    loss_in(loss, dtype), weights, _compat.compile_output_names(model)
+                )
+        self.policy = keras.dtype_policies.DTypePolicy(dtype)
+
+    def _float_layers(self) -> list[Any]:
+        out = []
+        for layer in _compat.layers_of(self.model):
+            policy = getattr(layer, "dtype_policy", None)
+            if policy is None or getattr(policy, "quantization_mode", None):
+                continue  # quantized layers keep their policy (their kernels are integers)
+            if "float" in str(layer.compute_dtype):
+                out.append(layer)
+        return out
+
+    @contextlib.contextmanager
+    def active(self, values: Sequence[tuple[Any, Any]]) -> Iterator[Any]:
+        """Inside: the model computes in ``dtype`` with ``values`` (variable, tensor) in place."""
+        swapped: list[tuple[Any, Any]] = []
+        loss_swapped = False
+        saved_loss: Any = None
+        backend = keras.backend.backend()
+        with contextlib.ExitStack() as stack:
+            try:
+                for layer in self._float_layers():
+                    swapped.append((layer, _compat.swap_dtype_policy(layer, self.policy)))
+                if self.compile_loss is not None:
+                    saved_loss = _compat.swap_compile_loss(self.model, self.compile_loss)
+                    loss_swapped = True
+                stack.enter_context(_floatx(self.dtype))
+                stack.enter_context(_compat.loss_objects_in(self.dtype))
+                if self.dtype == "float64" and backend != "tensorflow":
+                    stack.enter_context(_compat.float64_result_types())
+                scope = stack.enter_context(keras.StatelessScope())
+                for variable, value in values:
+                    scope.add_update((variable, value))  # add_update does not cast
+                stack.enter_context(_compat.autocast_scope(self.dtype))
+                yield scope
+            finally:
+                stack.close()
+                if loss_swapped:
+                    _compat.swap_compile_loss(self.model, saved_loss)
+                for layer, policy in reversed(swapped):
+                    _compat.swap_dtype_policy(layer, policy)
+
+
+@contextlib.contextmanager
+def _floatx(dtype: str) -> Iterator[None]:
+    saved = keras.config.floatx()
+    keras.config.set_floatx(dtype)
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(saved)
