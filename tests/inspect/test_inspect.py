@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -339,6 +340,7 @@ def test_csv_logger_run_is_read_and_its_failures_are_not_clean(csv_run):
     proc = cli(root)
     assert proc.returncode == 1, proc.stderr
     assert "run lit/version_0" in proc.stdout and "net.0.weight" in proc.stdout
+    assert re.search(r"│ net\.0\.weight .*│\s+\? │", proc.stdout)  # per-tensor events unknown
     assert f"{len(mismatches)} event(s) counted in the logs without details" in proc.stdout
     assert "event details need a TensorBoard logger or GradWatch(jsonl_path=...)" in proc.stdout
     assert cli(root, "--exit-zero").returncode == 0

@@ -261,6 +261,8 @@ def print_tables(
             table.add_column(col, justify="right", no_wrap=True)
         table.add_column("events", justify="right", overflow="fold")
         rtol = run.rtol
+        # Events known only by their counts (a CSV log) cannot be put on a row: "?" not "0".
+        unknown = "?" if run.undetailed_counts() else "0"
         for row in (r for r in rows if r.run == run.name):
             bad_err = row.rel_error_max is not None and row.rel_error_max > rtol
             nonfinite = row.grad_norm_last is not None and not math.isfinite(row.grad_norm_last)
@@ -273,7 +275,7 @@ def print_tables(
                 _fmt(row.grad_norm_min),
                 _fmt(row.grad_norm_max),
                 _fmt(row.rel_error_max),
-                f"{row.events} ({', '.join(kinds)})" if row.events else "0",
+                f"{row.events} ({', '.join(kinds)})" if row.events else unknown,
                 style=style,
             )
         console.print(table)
