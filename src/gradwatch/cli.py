@@ -25,6 +25,12 @@ def _parser() -> argparse.ArgumentParser:
         help="keep runs whose relative path matches this glob (with '#': <folder>#<run id>)",
     )
     ins.add_argument("--param", metavar="REGEX", help="keep parameters matching this expression")
+    ins.add_argument(
+        "--events",
+        choices=("grouped", "all"),
+        default="grouped",
+        help="list events grouped by kind, module and parameter (default), or all of them in full",
+    )
     return parser
 
 

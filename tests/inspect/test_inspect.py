@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import shutil
 import struct
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from gradwatch import GradientEvent
 from gradwatch.cli import main
-from gradwatch.inspect import load, to_json
+from gradwatch.inspect import load, print_tables, to_json
+from gradwatch.inspect.summary import group_events
 from gradwatch.lightning import GradWatch
 from gradwatch.options import WatchConfig
 from gradwatch.watch.sinks import Sink, TensorBoardSink
@@ -38,13 +44,30 @@ def lightning_run(tmp_path_factory):
     return root, cb
 
 
-def cli(*args):
+@pytest.fixture(scope="module")
+def csv_run(tmp_path_factory):
+    """A Lightning run logged by CSVLogger only (its metrics.csv), and the same run's JSON lines."""
+    root = tmp_path_factory.mktemp("csvlogs")
+    jsonl = root / "jsonl" / "gw.jsonl"
+    cb = GradWatch(
+        check_every_n_steps=4,
+        log_every_n_steps=1,
+        on_mismatch="ignore",
+        on_vanish="ignore",
+        jsonl_path=str(jsonl),
+    )
+    t = trainer(callbacks=[cb], logger=CSVLogger(root / "csv", name="lit"))
+    t.fit(Classifier(buggy_net(0.9)), loader())
+    return root / "csv", jsonl, cb
+
+
+def cli(*args, columns="200"):
     proc = subprocess.run(
         [sys.executable, "-m", "gradwatch", "inspect", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": columns},
     )
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
@@ -70,7 +93,10 @@ def test_json_matches_the_callbacks_own_events(lightning_run):
     got = [(e["step"], e["kind"], e["param"], e["message"]) for e in doc["events"]]
     want = [(e.step, e.kind, e.param, e.message) for e in cb.events]
     assert sorted(got) == sorted(want) and got
-    row = doc["params"]["net.0.weight"]
+    assert all(e["module"] is None and e["run"] == "lit/version_0" for e in doc["events"])
+    assert doc["event_counts"] == {"lit/version_0": {"mismatch": len(cb.events)}}
+    assert doc["notes"] == []  # TensorBoard has the event texts
+    row = doc["params"]["lit/version_0"]["net.0.weight"]
     assert row["steps"] == 8 and row["events"] == len(cb.events)
     assert row["rel_error_max"] == pytest.approx(max(r.max_rel_error for r in cb.reports))
     assert set(row) == {
@@ -83,22 +109,20 @@ def test_json_matches_the_callbacks_own_events(lightning_run):
     }
 
 
-def test_several_runs_key_params_by_run_and_run_filter(lightning_run, tmp_path):
+def test_several_runs_and_run_filter(lightning_run, tmp_path):
     root, _ = lightning_run
     sink = TensorBoardSink(tmp_path / "keras" / "gradwatch")
     sink.scalars(1, {"gradwatch/grad_norm/dense/kernel": 0.3, "gradwatch/grad_norm/global": 0.3})
     sink.close()
-    import shutil
 
     shutil.copytree(root / "lit", tmp_path / "lit", dirs_exist_ok=True)
     doc = to_json(load(tmp_path))
     assert doc["runs"] == ["keras/gradwatch", "lit/version_0"]
-    assert (
-        "keras/gradwatch:dense/kernel" in doc["params"]
-        and "lit/version_0:net.0.weight" in doc["params"]
-    )
+    assert "dense/kernel" in doc["params"]["keras/gradwatch"]
+    assert "net.0.weight" in doc["params"]["lit/version_0"]
     only = to_json(load(tmp_path, run="keras/*"))
     assert only["runs"] == ["keras/gradwatch"] and only["events"] == []
+    assert set(only["params"]) == {"keras/gradwatch"}
     assert main(["inspect", str(tmp_path), "--run", "keras/*"]) == 0
 
 
@@ -106,7 +130,8 @@ def test_param_filter(lightning_run, capsys):
     root, _ = lightning_run
     assert main(["inspect", str(root), "--json", "--param", r"^net\.2\."]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc["params"]) == {"net.2.weight", "net.2.bias"} and doc["events"] == []
+    assert set(doc["params"]["lit/version_0"]) == {"net.2.weight", "net.2.bias"}
+    assert doc["events"] == []
 
 
 def test_plot_writes_a_png(lightning_run, tmp_path):
@@ -268,7 +293,7 @@ def test_truncated_event_file_keeps_what_was_read(lightning_run, tmp_path):
     assert proc.returncode in (0, 1)
     assert "truncated" in proc.stderr and src.name in proc.stderr
     doc = json.loads(proc.stdout)
-    assert 0 < doc["params"]["net.0.weight"]["steps"] < 8
+    assert 0 < doc["params"]["."]["net.0.weight"]["steps"] < 8
 
 
 def test_bad_param_regex_is_usage_error(lightning_run):
@@ -299,3 +324,203 @@ def test_lightning_grad_norm_logs_are_recovered_and_judged(tmp_path):
     assert ("vanishing", "net.0.weight") in kinds
     proc = cli(tmp_path)
     assert proc.returncode == 1 and "vanishing" in proc.stdout
+
+
+# --- Lightning CSVLogger runs ---------------------------------------------------------------------
+
+
+def test_csv_logger_run_is_read_and_its_failures_are_not_clean(csv_run):
+    root, _, cb = csv_run
+    (csv_file,) = root.glob("lit/version_0/metrics.csv")
+    steps = [line.rsplit(",", 2)[-2] for line in csv_file.read_text().splitlines()[1:]]
+    assert steps != sorted(steps, key=int)  # gradwatch's rows arrive out of step order
+    mismatches = [e for e in cb.events if e.kind == "mismatch"]
+    assert mismatches
+
+    proc = cli(root)
+    assert proc.returncode == 1, proc.stderr
+    assert "run lit/version_0" in proc.stdout and "net.0.weight" in proc.stdout
+    assert re.search(r"│ net\.0\.weight .*│\s+\? │", proc.stdout)  # per-tensor events unknown
+    assert f"{len(mismatches)} event(s) counted in the logs without details" in proc.stdout
+    assert "event details need a TensorBoard logger or GradWatch(jsonl_path=...)" in proc.stdout
+    assert cli(root, "--exit-zero").returncode == 0
+
+    proc = cli(root, "--json")
+    assert proc.returncode == 1
+    doc = json.loads(proc.stdout)
+    assert doc["runs"] == ["lit/version_0"] and doc["events"] == []
+    assert doc["event_counts"] == {"lit/version_0": {"mismatch": len(mismatches)}}
+    assert len(doc["notes"]) == 1 and "jsonl_path" in doc["notes"][0]
+    params = doc["params"]["lit/version_0"]
+    assert set(params) == {"net.0.weight", "net.2.weight", "net.2.bias", "global"}
+    assert all(row["steps"] == 8 for row in params.values())  # 256 samples / 32: every step
+    assert params["net.0.weight"]["rel_error_max"] == pytest.approx(
+        max(r.max_rel_error for r in cb.reports)
+    )
+    (run,) = load(root)
+    assert list(run.norms["global"]) == sorted(run.norms["global"])
+
+
+def test_csv_beside_jsonl_has_event_details(csv_run, tmp_path):
+    root, jsonl, cb = csv_run
+    shutil.copy(root / "lit" / "version_0" / "metrics.csv", tmp_path / "metrics.csv")
+    shutil.copy(jsonl, tmp_path / "gw.jsonl")
+    (run,) = load(tmp_path)
+    assert run.undetailed_counts() == {}
+    assert [(e.step, e.kind, e.param) for e in run.events] == [
+        (e.step, e.kind, e.param) for e in cb.events
+    ]
+    proc = cli(tmp_path)
+    assert proc.returncode == 1 and "without details" not in proc.stdout
+
+
+# --- what a folder scan skips ---------------------------------------------------------------------
+
+
+def test_skipped_files_and_runs_are_named_with_the_reason(lightning_run, tmp_path):
+    root, _ = lightning_run
+    shutil.copytree(root / "lit", tmp_path / "lit")
+    (tmp_path / "plain" / "version_0").mkdir(parents=True)  # a CSVLogger run without gradwatch
+    (tmp_path / "plain" / "version_0" / "metrics.csv").write_text(
+        "epoch,step,train_loss\n0,0,1.5\n"
+    )
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.jsonl").write_text('{"task": "a"}\n{"task": "b"}\n')
+    (tmp_path / "notes" / "events.out.tfevents.1.host").write_bytes(os.urandom(256))
+    proc = cli(tmp_path)
+    assert proc.returncode == 1  # the gradwatch run is still read
+    lines = proc.stderr.strip().splitlines()
+    skipped = [line for line in lines if line.startswith("gradwatch: skipped ")]
+    assert any(
+        "plain/version_0/metrics.csv: no gradwatch or grad_norm columns" in line for line in skipped
+    )
+    assert any("notes/todo.jsonl: no gradwatch records" in line for line in skipped)
+    assert any("notes/events.out.tfevents.1.host" in line for line in skipped)
+    assert len(skipped) == 3 and "run lit/version_0" in proc.stdout
+
+
+# --- long names are never cut ---------------------------------------------------------------------
+
+
+def _long_name_run(folder):
+    names = [
+        f"model.transformer.encoder.layers.{i}.self_attention.in_proj_weight".ljust(70, "x")
+        for i in range(3)
+    ]
+    assert all(len(n) == 70 for n in names)
+    lines = [
+        {"type": "norms", "step": s, "values": {n: 0.5 for n in names}, "global": 1.0}
+        for s in range(3)
+    ]
+    event = {
+        "kind": "exploding",
+        "param": names[1],
+        "value": 2e3,
+        "threshold": 1e3,
+        "message": "big",
+    }
+    lines.append({"type": "event", "step": 2, "event": {**event, "step": 2}})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "gw.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return names
+
+
+def test_seventy_character_names_are_not_cut_through_a_pipe(tmp_path):
+    names = _long_name_run(tmp_path / "run")
+    for columns in ("80", "40"):  # whatever the environment says the width is
+        for view in ("grouped", "all"):
+            proc = cli(tmp_path, "--events", view, columns=columns)
+            assert proc.returncode == 1, proc.stderr
+            assert "…" not in proc.stdout
+            for name in names:
+                assert name in proc.stdout
+
+
+def test_on_a_terminal_long_names_wrap_inside_their_cell(tmp_path):
+    names = _long_name_run(tmp_path / "run")
+    out = io.StringIO()
+    print_tables(load(tmp_path), None, out, width=80)
+    text = out.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    cells = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")]
+    assert all(name in "".join(cells) for name in names)
+
+
+# --- one JSON shape -------------------------------------------------------------------------------
+
+
+def _shape(doc):
+    """Keys at every level, with run and parameter names replaced by placeholders."""
+    run_rows = list(doc["params"].values())
+    return (
+        sorted(doc),
+        {type(r).__name__ for r in doc["runs"]},
+        {frozenset(row) for rows in run_rows for row in rows.values()},
+        {frozenset(e) for e in doc["events"]},
+        all(set(doc[k]) == set(doc["runs"]) for k in ("params", "event_counts")),
+    )
+
+
+def test_json_shape_is_the_same_for_one_and_two_runs(tmp_path):
+    names = _long_name_run(tmp_path / "a")
+    _long_name_run(tmp_path / "b")
+    one, two = to_json(load(tmp_path, run="a")), to_json(load(tmp_path))
+    assert one["runs"] == ["a"] and two["runs"] == ["a", "b"]
+    assert _shape(one) == _shape(two)
+    assert set(one["params"]["a"]) == set(two["params"]["a"]) == {*names, "global"}
+    assert one["params"]["a"] == two["params"]["a"]
+    assert [e for e in two["events"] if e["run"] == "a"] == one["events"]
+
+
+# --- unwritable outputs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "where", ["/nonexistent/dir/x.png", "{tmp}/file.txt/x.png", "{tmp}", "{tmp}/x.notanimage"]
+)
+def test_unwritable_plot_is_one_line_and_exit_2(lightning_run, tmp_path, where):
+    root, _ = lightning_run
+    (tmp_path / "file.txt").write_text("")
+    proc = cli(root, "--plot", where.format(tmp=tmp_path))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1 and "gradwatch: error: --plot" in proc.stderr
+    assert not os.path.exists("/nonexistent")  # the folder was not created
+
+
+# --- events grouped -------------------------------------------------------------------------------
+
+
+def test_events_are_grouped_by_kind_module_and_param(lightning_run):
+    root, cb = lightning_run
+    assert len(cb.events) >= 2 and {e.param for e in cb.events} == {"net.0.weight"}
+    proc = cli(root)
+    out = proc.stdout
+    assert f"{len(cb.events)} event(s) in 1 group(s)" in out
+    assert f"mismatch: {len(cb.events)} event(s) in 1 tensor(s), module not localized" in out
+    steps = sorted(e.step for e in cb.events)
+    assert f"net.0.weight  {len(cb.events):>4} event(s)  steps {steps[0]}–{steps[-1]}" in out
+    assert out.count("autodiff gives") == 1  # the first message only
+
+    full = cli(root, "--events", "all").stdout
+    for e in cb.events:
+        assert f"step {e.step}: mismatch net.0.weight: {e.message}" in full
+    assert cli(root, "--events", "some").returncode == 2
+
+
+def test_group_events_keeps_modules_apart():
+    def ev(step, param, module):
+        e = GradientEvent(step, "mismatch", param, 0.5, 1e-3, f"{param} wrong")
+        return types.SimpleNamespace(**vars(e), module=module)
+
+    pairs = [
+        ("r", ev(0, "a.w", "a")),
+        ("r", ev(0, "b.w", "b")),
+        ("r", ev(4, "a.w", "a")),
+        ("r", ev(8, "a.w", None)),
+    ]
+    groups = group_events(pairs)
+    assert [(g.module, g.param, g.count, g.first_step, g.last_step) for g in groups] == [
+        ("a", "a.w", 2, 0, 4),
+        ("b", "b.w", 1, 0, 0),
+        (None, "a.w", 1, 8, 8),
+    ]

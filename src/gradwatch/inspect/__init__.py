@@ -7,13 +7,21 @@ Example:
 """
 
 from gradwatch.inspect.plot import plot
-from gradwatch.inspect.read import InspectError, RunData, judge_foreign, load, parse_grad_norm_tag
+from gradwatch.inspect.read import (
+    InspectError,
+    RunData,
+    SkippedInput,
+    judge_foreign,
+    load,
+    parse_grad_norm_tag,
+)
 from gradwatch.inspect.summary import ParamSummary, print_tables, summarise, to_json
 
 __all__ = [
     "InspectError",
     "ParamSummary",
     "RunData",
+    "SkippedInput",
     "judge_foreign",
     "load",
     "parse_grad_norm_tag",

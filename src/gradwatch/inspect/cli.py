@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import warnings
 
-from gradwatch.inspect.plot import plot
-from gradwatch.inspect.read import InspectError, load
-from gradwatch.inspect.summary import events_of, print_tables, to_json
+from gradwatch.inspect.plot import check_output, plot
+from gradwatch.inspect.read import InspectError, SkippedInput, load
+from gradwatch.inspect.summary import has_events, print_tables, to_json
 
 __all__ = ["run_inspect"]
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -25,23 +30,29 @@ def run_inspect(args: argparse.Namespace) -> int:
                 raise InspectError(
                     f"--param: invalid regular expression {args.param!r}: {exc}"
                 ) from exc
+        if args.plot:
+            check_output(args.plot)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
                 runs = load(args.path, run=args.run)
             finally:
                 for w in caught:
-                    print(f"gradwatch: warning: {w.message}", file=sys.stderr)
+                    label = "" if issubclass(w.category, SkippedInput) else "warning: "
+                    print(f"gradwatch: {label}{_one_line(w.message)}", file=sys.stderr)
         if args.json:
             print(json.dumps(to_json(runs, args.param), indent=2, allow_nan=False))
         else:
-            print_tables(runs, args.param)
+            print_tables(runs, args.param, events=getattr(args, "events", "grouped"))
         if args.plot:
             where = plot(runs, args.plot, args.param)
             if not args.json:
                 print(f"plot written to {where}")
+        sys.stdout.flush()
     except InspectError as exc:
-        print(f"gradwatch: error: {exc}", file=sys.stderr)
+        print(f"gradwatch: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    found = any(r.events for r in runs) if args.param is None else bool(events_of(runs, args.param))
-    return 1 if found and not args.exit_zero else 0
+    except BrokenPipeError:  # `gradwatch inspect ... | head`: the reader has gone, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 1 if has_events(runs, args.param) and not args.exit_zero else 0

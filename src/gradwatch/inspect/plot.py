@@ -7,15 +7,15 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gradwatch.inspect.read import InspectError, RunData
 from gradwatch.watch import tags
 
-__all__ = ["plot"]
+__all__ = ["check_output", "plot"]
 
 
-def plot(runs: Sequence[RunData], out: str | os.PathLike[str], param: str | None = None) -> Path:
-    """One PNG: per run a column with gradient size per layer (log scale) and relative errors."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -23,6 +23,44 @@ def plot(runs: Sequence[RunData], out: str | os.PathLike[str], param: str | None
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover
         raise InspectError("--plot needs matplotlib: pip install 'gradwatch[inspect]'") from exc
+    return plt
+
+
+def check_output(out: str | os.PathLike[str]) -> Path:
+    """``out`` if a plot can be written there, else :class:`InspectError` — before any work.
+
+    Its folder must exist (it is not created: a typo should not make folders) and be writable,
+    and its extension must be a format matplotlib writes (``.png``, ``.pdf``, ``.svg``, ...).
+    """
+    path = Path(out)
+    folder = path.parent
+    if path.is_dir():
+        raise InspectError(f"--plot {path}: is a folder, not a file")
+    if not folder.is_dir():
+        why = "is not a folder" if folder.exists() else "does not exist"
+        raise InspectError(f"--plot {path}: cannot write there, {folder} {why}")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InspectError(f"--plot {path}: cannot write there (permission denied)")
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise InspectError(
+            f"--plot {path}: unknown image format {path.suffix or '(no extension)'};"
+            f" use one of {', '.join('.' + f for f in sorted(formats))}"
+        )
+    return path
+
+
+def plot(runs: Sequence[RunData], out: str | os.PathLike[str], param: str | None = None) -> Path:
+    """One PNG: per run a column with gradient size per layer (log scale) and relative errors.
+
+    Raises:
+        InspectError: ``out`` cannot be written (its folder is missing or not writable, or its
+            extension is not an image format matplotlib writes); the folder is not created.
+    """
+    plt = _pyplot()
     pattern = re.compile(param) if param else None
     fig, axes = plt.subplots(2, len(runs), figsize=(9 * len(runs), 8), squeeze=False)
     for col, run in enumerate(runs):
@@ -99,7 +137,10 @@ def plot(runs: Sequence[RunData], out: str | os.PathLike[str], param: str | None
         ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out_path, dpi=100)
+    except (OSError, ValueError) as exc:  # no such folder, no permission, unknown format
+        raise InspectError(f"--plot {out_path}: cannot write it ({exc})") from exc
+    finally:
+        plt.close(fig)
     return out_path

@@ -2,14 +2,20 @@
 
 ``load(path)`` walks a run folder or a tree of runs (Lightning ``version_*``, Keras ``gradwatch/``),
 reading TensorBoard event files — simple scalars (torch's ``SummaryWriter``) and TF2 tensor
-summaries (``tf.summary``) alike — and gradwatch JSON-lines files. Every record is kept (no
-reservoir thinning). Event files are scanned record by record from memory-mapped bytes, and only
+summaries (``tf.summary``) alike — gradwatch JSON-lines files and Lightning ``CSVLogger`` files
+(``metrics.csv``: one column per tag, rows holding only some columns, in any step order). Every
+record is kept (no reservoir thinning). A file or run that gives nothing is reported with a
+:class:`SkippedInput` warning saying why. Event files are scanned record by record from memory-mapped bytes, and only
 records that can carry gradient data are parsed, which makes the reader several times faster than
 TensorBoard's ``EventAccumulator`` (``benchmarks/inspect_speed.py``). Records are read back
 through :mod:`gradwatch.report`'s ``from_dict`` and the tag vocabulary of :mod:`gradwatch.watch.tags`.
 
 Norms from logs gradwatch did not write (Lightning's ``grad_norm`` utility, tags
 ``grad_2.0_norm/<param>``) are recognised, and the health rules are applied to them after the fact.
+
+A CSV has no event texts, only the running count of each kind (``gradwatch/events/<kind>``):
+those counts are kept (:attr:`RunData.event_counts`), so a CSV run with failures is not clean, and
+:meth:`RunData.undetailed_counts` says how many events have no details in the logs read.
 
 Runs: gradwatch 0.2 gives every training run an id (``run`` in each JSON-lines record and in the
 meta text of TensorBoard files; a meta record opens a run, and what follows belongs to it). A folder
@@ -27,8 +33,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import csv
 import fnmatch
 import json
+import math
 import mmap
 import os
 import re
@@ -44,7 +52,14 @@ from gradwatch.core.health import HealthMonitor, HealthThresholds
 from gradwatch.report import CheckReport, GradientEvent
 from gradwatch.watch import tags
 
-__all__ = ["InspectError", "RunData", "judge_foreign", "load", "parse_grad_norm_tag"]
+__all__ = [
+    "InspectError",
+    "RunData",
+    "SkippedInput",
+    "judge_foreign",
+    "load",
+    "parse_grad_norm_tag",
+]
 
 _FOREIGN_NORM = re.compile(r"^grad_(?:[0-9.]+|inf)_norm(?:/(.+)|_total)$")
 _MARKERS = (b"gradwatch/", b"grad_")
@@ -53,6 +68,15 @@ _HEADER = struct.Struct("<QI")
 
 class InspectError(Exception):
     """A usage or input problem: one clear line for the user, exit status 2."""
+
+
+class SkippedInput(UserWarning):
+    """A file or run under the inspected path gave no gradient data; the message says why."""
+
+
+def _skip(what: str, why: str) -> None:
+    text = f"skipped {what}: {why}".replace("\n", " ")
+    warnings.warn(text, SkippedInput, stacklevel=3)
 
 
 def parse_grad_norm_tag(tag: str) -> str | None:
@@ -85,6 +109,8 @@ class RunData:
         meta: Shapes and thresholds written by gradwatch, if any.
         foreign: Norms came from logs gradwatch did not write.
         run_id: The id gradwatch gave the run (``None`` for 0.1 and foreign logs).
+        event_counts: Kind → the highest running count of ``gradwatch/events/<kind>`` scalars
+            (the only trace of events in a CSV log).
     """
 
     name: str
@@ -94,6 +120,7 @@ class RunData:
     meta: dict[str, Any] = field(default_factory=dict)
     foreign: bool = False
     run_id: str | None = None
+    event_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def rtol(self) -> float:
@@ -112,7 +139,32 @@ class RunData:
 
     @property
     def has_data(self) -> bool:
-        return bool(self.norms or self.rel_errors or self.events)
+        return bool(self.norms or self.rel_errors or self.events or self.event_counts)
+
+    def kind_counts(self) -> dict[str, int]:
+        """Events per kind: the recorded events, or the count scalars where they say more.
+
+        Example:
+            >>> RunData("r", event_counts={"mismatch": 2}).kind_counts()
+            {'mismatch': 2}
+        """
+        counts: dict[str, int] = {}
+        for e in self.events:
+            counts[e.kind] = counts.get(e.kind, 0) + 1
+        for kind, n in self.event_counts.items():
+            counts[kind] = max(counts.get(kind, 0), n)
+        return counts
+
+    def undetailed_counts(self) -> dict[str, int]:
+        """Events per kind that the count scalars report but no event record describes."""
+        recorded: dict[str, int] = {}
+        for e in self.events:
+            recorded[e.kind] = recorded.get(e.kind, 0) + 1
+        return {
+            kind: n - recorded.get(kind, 0)
+            for kind, n in self.event_counts.items()
+            if n > recorded.get(kind, 0)
+        }
 
     def add_report(self, report: CheckReport) -> None:
         """The worst relative error per tensor (and the maximum) of one check."""
@@ -135,6 +187,8 @@ class RunData:
                 target.setdefault(name, {}).update(series)
         for event in other.events:
             self.add_event(event)
+        for kind, n in other.event_counts.items():
+            self.event_counts[kind] = max(self.event_counts.get(kind, 0), n)
         self.meta.update(other.meta)
         self.foreign = self.foreign or other.foreign
         self.run_id = self.run_id or other.run_id
@@ -211,7 +265,8 @@ def _tensor_value(tensor: Any) -> Any:
     return arr.reshape(-1)[0].item() if arr.size else None
 
 
-def _read_event_file(path: Path, runs: _Runs) -> None:
+def _read_event_file(path: Path, runs: _Runs) -> str | None:
+    """Read one event file into ``runs``; returns why it gave nothing (``None``: it gave data)."""
     try:
         from tensorboard.compat.proto import event_pb2
     except ImportError as exc:  # pragma: no cover - the inspect extra brings it
@@ -221,6 +276,7 @@ def _read_event_file(path: Path, runs: _Runs) -> None:
     from google.protobuf.message import DecodeError
 
     run = runs.get(None)  # until a meta text names the run
+    taken = 0
     try:
         for payload in _iter_records(path):
             try:
@@ -233,36 +289,46 @@ def _read_event_file(path: Path, runs: _Runs) -> None:
             for value in event.summary.value:
                 kind = value.WhichOneof("value")
                 if kind == "simple_value":
-                    _add_scalar(run, value.tag, int(event.step), float(value.simple_value))
+                    taken += _add_scalar(run, value.tag, int(event.step), float(value.simple_value))
                 elif kind == "tensor":
                     data = _tensor_value(value.tensor)
                     if isinstance(data, str):
-                        run = _add_text(runs, run, value.tag, data, path)
+                        run, took = _add_text(runs, run, value.tag, data, path)
+                        taken += took
                     elif data is not None:
-                        _add_scalar(run, value.tag, int(event.step), float(data))
+                        taken += _add_scalar(run, value.tag, int(event.step), float(data))
     except (OSError, ValueError) as exc:
-        warnings.warn(f"{path}: cannot be read ({exc}); skipped", stacklevel=3)
+        return f"cannot be read ({exc})"
+    return None if taken else "no gradwatch or grad_norm data in it"
 
 
-def _add_scalar(run: RunData, tag: str, step: int, value: float) -> None:
+def _add_scalar(run: RunData, tag: str, step: int, value: float) -> bool:
+    """Add one scalar if it is gradient data; returns whether it was."""
     if tag.startswith(tags.NORM_PREFIX):
         run.norms.setdefault(tag[len(tags.NORM_PREFIX) :], {})[step] = value
     elif tag.startswith(tags.REL_ERROR_PREFIX):
         run.rel_errors.setdefault(tag[len(tags.REL_ERROR_PREFIX) :], {})[step] = value
     elif tag.startswith(tags.EVENT_COUNT_PREFIX):
-        return  # running event counts: the event texts and records say more
+        # Running counts per kind: the highest is the run's count (texts, where written, say more).
+        kind = tag[len(tags.EVENT_COUNT_PREFIX) :]
+        if kind and math.isfinite(value):
+            run.event_counts[kind] = max(run.event_counts.get(kind, 0), round(value))
     else:
         name = parse_grad_norm_tag(tag)
-        if name is not None:
-            run.foreign = True
-            run.norms.setdefault(name, {})[step] = value
+        if name is None:
+            return False
+        run.foreign = True
+        run.norms.setdefault(name, {})[step] = value
+    return True
 
 
-def _add_text(runs: _Runs, run: RunData, tag: str, text: str, path: Path) -> RunData:
-    """Add one text summary; returns the run that the file's next records belong to."""
+def _add_text(runs: _Runs, run: RunData, tag: str, text: str, path: Path) -> tuple[RunData, bool]:
+    """Add one text summary; returns the run that the file's next records belong to, and
+    whether the text was an event."""
     if tag.startswith(tags.EVENTS_TAG):
         try:
             run.add_event(GradientEvent.from_dict(json.loads(text)))
+            return run, True
         except (ValueError, KeyError, TypeError):
             warnings.warn(f"{path}: an unreadable event text was skipped", stacklevel=4)
     elif tag.startswith(tags.META_TAG):
@@ -271,10 +337,13 @@ def _add_text(runs: _Runs, run: RunData, tag: str, text: str, path: Path) -> Run
             if meta.get("run") is not None:  # a meta text opens a run
                 run = runs.get(meta["run"])
             run.meta.update(meta)
-    return run
+    return run, False
 
 
-def _read_jsonl(path: Path, runs: _Runs) -> None:
+def _read_jsonl(path: Path, runs: _Runs) -> str | None:
+    """Read one JSON-lines file into ``runs``; returns why it gave nothing (``None``: data)."""
+    taken = 0
+    bad: list[int] = []
     try:
         with path.open(encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -283,6 +352,8 @@ def _read_jsonl(path: Path, runs: _Runs) -> None:
                 try:
                     rec = json.loads(line)
                     kind = rec.get("type")
+                    if not isinstance(kind, str):
+                        raise ValueError("no record type")
                     run = runs.get(rec.get("run"))
                     if kind == "norms":
                         step = int(rec["step"])
@@ -295,23 +366,94 @@ def _read_jsonl(path: Path, runs: _Runs) -> None:
                         run.add_event(GradientEvent.from_dict(rec["event"]))
                     elif kind == "meta":
                         run.meta.update({k: v for k, v in rec.items() if k != "type"})
+                    taken += kind in ("norms", "report", "event")
                 except (ValueError, KeyError, TypeError, AttributeError):
-                    warnings.warn(f"{path}:{lineno}: not a gradwatch record; skipped", stacklevel=3)
+                    bad.append(lineno)
     except (OSError, UnicodeDecodeError) as exc:
-        warnings.warn(f"{path}: cannot be read ({exc}); skipped", stacklevel=3)
+        return f"cannot be read ({exc})"
+    if not taken:
+        return "no gradwatch records in it" if bad else "empty"
+    if bad:
+        where = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        warnings.warn(
+            f"{path}: {len(bad)} line(s) are not gradwatch records and were skipped (line {where})",
+            stacklevel=3,
+        )
+    return None
+
+
+def _csv_float(text: str) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _read_csv(path: Path, runs: _Runs) -> str | None:
+    """Read a Lightning ``CSVLogger`` file (``metrics.csv``); returns why it gave nothing.
+
+    One column per tag and a ``step`` column; a row holds only the columns logged together, and
+    rows need not be in step order (gradwatch writes its norms in blocks).
+    """
+    run = runs.get(None)  # a CSV carries no run id
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if not header:
+                return "empty"
+            wanted = [
+                (i, col)
+                for i, col in enumerate(header)
+                if col.startswith(tags.PREFIX + "/") or parse_grad_norm_tag(col) is not None
+            ]
+            if not wanted:
+                return "no gradwatch or grad_norm columns (not a gradwatch CSVLogger file)"
+            if "step" not in header:
+                return "gradwatch columns but no 'step' column"
+            step_at = header.index("step")
+            taken = 0
+            for row in reader:
+                step = _csv_float(row[step_at]) if step_at < len(row) else None
+                if step is None:
+                    continue
+                for i, col in wanted:
+                    value = _csv_float(row[i]) if i < len(row) else None
+                    if value is not None:
+                        taken += _add_scalar(run, col, int(step), value)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        return f"cannot be read ({exc})"
+    return None if taken else "gradwatch columns but no values"
 
 
 def _is_event_file(name: str) -> bool:
     return "tfevents" in name
 
 
+def _is_log_file(name: str) -> bool:
+    return _is_event_file(name) or name.endswith((".jsonl", ".csv"))
+
+
+def _read_file(path: Path, runs: _Runs) -> str | None:
+    if _is_event_file(path.name):
+        return _read_event_file(path, runs)
+    if path.name.endswith(".csv"):
+        return _read_csv(path, runs)
+    return _read_jsonl(path, runs)
+
+
 def load(path: str | os.PathLike[str], *, run: str | None = None) -> list[RunData]:
     """Read every run under ``path`` that holds gradient data.
 
     Args:
-        path: A run folder, a tree of runs, or a single event / JSON-lines file.
+        path: A run folder, a tree of runs, or a single event / JSON-lines / CSV file.
         run: Keep runs whose folder relative to ``path`` matches this glob; a glob with ``#``
             is matched against ``<folder>#<run id>`` instead (``"*#3f9a*"``: one run by its id).
+
+    Files and runs that give nothing are reported with a :class:`SkippedInput` warning each.
 
     Raises:
         InspectError: The path does not exist, or nothing readable with gradient data is there.
@@ -327,11 +469,7 @@ def load(path: str | os.PathLike[str], *, run: str | None = None) -> list[RunDat
         base = root
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
-            chosen = [
-                Path(dirpath) / f
-                for f in sorted(filenames)
-                if _is_event_file(f) or f.endswith(".jsonl")
-            ]
+            chosen = [Path(dirpath) / f for f in sorted(filenames) if _is_log_file(f)]
             if chosen:
                 files[Path(dirpath)] = chosen
     by_id = run is not None and "#" in run
@@ -342,10 +480,9 @@ def load(path: str | os.PathLike[str], *, run: str | None = None) -> list[RunDat
             continue
         found = _Runs(name)
         for p in paths:
-            if _is_event_file(p.name):
-                _read_event_file(p, found)
-            else:
-                _read_jsonl(p, found)
+            why = _read_file(p, found)
+            if why is not None:
+                _skip(p.relative_to(base).as_posix(), why)
         for data in found.runs():
             if by_id and not fnmatch.fnmatch(f"{name}#{data.run_id or ''}", run or ""):
                 continue
@@ -353,6 +490,8 @@ def load(path: str | os.PathLike[str], *, run: str | None = None) -> list[RunDat
                 data.events = judge_foreign(data)
             if data.has_data:
                 runs.append(data)
+            elif data.meta:  # opened by a meta record, then nothing: say so
+                _skip(f"run {data.name}", "no gradient data was written for it")
     if not runs:
         what = "no run matches --run" if run is not None and files else "no gradient data"
         raise InspectError(f"{root}: {what} (gradwatch or Lightning grad_norm logs)")
