@@ -132,7 +132,10 @@ def test_guard_can_be_switched_off_to_measure_it():
     torch.manual_seed(0)
     checker = TorchChecker(rc.Binary(), rc.bce_step)
     checker.float64_guard = False
-    assert checker.check(rc.binary_batch()).verdict == "fail"  # float32 noise judged in float64
+    # Without the guard the loss is float32 noise judged in float64: the precision floor keeps it
+    # from a false "fail", but nothing is verified.
+    report = checker.check(rc.binary_batch())
+    assert report.verdict == "inconclusive" and not report.events, str(report)
 
 
 def test_default_dtype_is_restored_after_a_failing_loss():
