@@ -25,7 +25,7 @@ from gradwatch.torch.evaluate import Evaluator, LossFn, host_rng_preserved
 __all__ = ["OwnPass", "compare", "module_state_kept", "own_pass"]
 
 #: ``nn.Module`` slots that hold its tensors and submodules (put back by other means).
-_TENSOR_SLOTS = frozenset({"_parameters", "_buffers", "_modules"})
+_TENSOR_SLOTS = _compat.module_attribute_slots()
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def own_pass(
             loss = Evaluator._loss_tensor(loss_fn(model, batch)).reshape(())
             dtypes.add(loss.dtype)
             grads: list[torch.Tensor | None] = [None] * len(params)
-            if loss.requires_grad:
+            if loss.requires_grad and params:
                 found = torch.autograd.grad(loss, list(params), allow_unused=True)
                 grads = [None if g is None else g.detach() for g in found]
             value = float(loss.detach().float().item())
