@@ -81,5 +81,4 @@ def test_batchnorm_dropout_model_gives_no_false_disagreement(precision):
     fit(Classifier(MLP(batchnorm=True, dropout=0.3)), cb, loader(), precision=precision)
     assert cb.events == []
     assert cb.reports and all(r.verdict == "pass" for r in cb.reports)
-    checker = cb._rerun.checker() if cb._rerun else None  # torn down after fit
-    assert checker is None or checker.copy_disagrees == ""
+    assert not any("functional_call" in n for r in cb.reports for n in r.notes)
