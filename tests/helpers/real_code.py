@@ -128,3 +128,56 @@ def binary_batch(n: int = 16, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, 
 def token_batch(n: int = 4, length: int = 9, vocab: int = 17, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, length), generator=g)
+
+
+class _ScaledReLUFn(torch.autograd.Function):
+    """ReLU whose backward is multiplied by ``scale`` (a planted bug when ``scale != 1``)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(x)
+        ctx.scale = scale
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x > 0).to(g.dtype) * ctx.scale, None
+
+
+class ScaledReLU(nn.Module):
+    """An activation module: ReLU's forward, its backward scaled by ``scale``."""
+
+    def __init__(self, scale: float = 0.9) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ScaledReLUFn.apply(x, self.scale)
+
+
+class Decoder(nn.Module):
+    """``nn.TransformerDecoderLayer(activation=<a module>)``: ``copy.deepcopy`` gives it back with
+    ``F.relu`` in the module's place (its ``__setstate__``), so a float64 copy computes another
+    function's gradient."""
+
+    def __init__(self, activation: nn.Module, d_model: int = 16, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, d_model)
+        self.decoder = nn.TransformerDecoderLayer(
+            d_model, 2, dim_feedforward=32, dropout=dropout, activation=activation, batch_first=True
+        )
+        self.head = nn.Linear(d_model, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        return self.head(self.decoder(h, h)).mean(1)
+
+
+def regression_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.mse_loss(model(batch[0]), batch[1])
+
+
+def sequence_batch(n: int = 4, length: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, length, 8, generator=g), torch.randn(n, 1, generator=g)

@@ -98,3 +98,12 @@ def test_compiled_code_run_eagerly_compiles_nothing():
     assert calls == []
     fn(torch.ones(2))
     assert calls == [1]
+
+
+def test_module_attribute_slots_are_where_a_module_keeps_its_tensors_and_children():
+    m = torch.nn.Sequential(torch.nn.BatchNorm1d(2))
+    slots = _compat.module_attribute_slots()
+    assert slots <= set(vars(m)) and slots <= set(vars(m[0]))
+    held = [t for key in slots for t in vars(m[0])[key].values()]
+    assert any(t is m[0].weight for t in held) and any(t is m[0].running_mean for t in held)
+    assert any(c is m[0] for c in vars(m)["_modules"].values())

@@ -8,9 +8,11 @@ halts or raises, whatever ``on_mismatch`` says.
 
 from __future__ import annotations
 
-from gradwatch.report import GradientEvent
+from collections.abc import Sequence
 
-__all__ = ["no_check_message", "unchecked_event"]
+from gradwatch.report import CheckReport, GradientEvent
+
+__all__ = ["no_check_message", "unchecked_event", "unchecked_report"]
 
 
 def unchecked_event(step: int | None, message: str, param: str = "global") -> GradientEvent:
@@ -51,4 +53,39 @@ def no_check_message(steps: int, period: int | None) -> str:
         f"no gradient check ran in the {steps} optimizer {plural} of this run, so its gradients "
         f"were not verified: see the warnings above for why, or run "
         f"gradwatch.torch.check_gradients / gradwatch.keras.check_gradients on one batch"
+    )
+
+
+def unchecked_report(
+    *,
+    step: int | None,
+    message: str,
+    mode: str,
+    dtype: str,
+    rtol: float,
+    evaluations: int,
+    seconds: float,
+    notes: Sequence[str] = (),
+) -> CheckReport:
+    """An ``inconclusive`` report whose one event is ``unchecked``: nothing could be judged.
+
+    Example:
+        >>> r = unchecked_report(step=None, message="the copy is not the model; fix it",
+        ...                      mode="coordinate", dtype="float64", rtol=1e-3, evaluations=2,
+        ...                      seconds=0.0)
+        >>> r.verdict, r.events[0].kind
+        ('inconclusive', 'unchecked')
+    """
+    return CheckReport(
+        step=step,
+        verdict="inconclusive",
+        max_rel_error=None,
+        results=(),
+        events=(unchecked_event(step, message),),
+        mode=mode,
+        dtype=dtype,
+        rtol=rtol,
+        evaluations=evaluations,
+        seconds=seconds,
+        notes=tuple(notes),
     )

@@ -8,8 +8,9 @@ computes as plain BatchNorm (the check is of the local function).
 
 from __future__ import annotations
 
+import contextlib
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -20,8 +21,9 @@ from torch.nn import functional as F
 from gradwatch.lightning import _compat
 from gradwatch.options import WatchConfig
 from gradwatch.torch.checker import TorchChecker
+from gradwatch.torch.reference import module_state_kept
 
-__all__ = ["NotRerunnable", "Rerun", "SkipCheck", "prepare_twin"]
+__all__ = ["NotRerunnable", "Rerun", "SkipCheck", "borrowed", "prepare_twin"]
 
 
 class SkipCheck(Exception):
@@ -75,6 +77,27 @@ def prepare_twin(trainer: Trainer, twin: nn.Module) -> None:
             m.forward = types.MethodType(_plain_batch_norm, m)  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def borrowed(module: nn.Module) -> Iterator[None]:
+    """The module itself, ready for a check's ``training_step``: logging silenced, optimizer
+    methods refusing, and every plain attribute put back on exit.
+
+    Used for the model's own pass (what the float64 copy is compared with) and for checks that
+    evaluate the model itself when the copy is not its function. Outside any autocast: the copy
+    is compared with the model's function in its parameters' dtype.
+    """
+    with module_state_kept(module):
+        if isinstance(module, LightningModule):
+            vars(module).update(
+                log=_silent,
+                log_dict=_silent,
+                optimizers=_refuse("optimizers"),
+                manual_backward=_refuse("manual_backward"),
+                lr_schedulers=_refuse("lr_schedulers"),
+            )
+        yield
+
+
 class Rerun:
     """The checker of one fit: ``loss_fn(module, batch)``, or ``training_step`` on the twin.
 
@@ -110,6 +133,7 @@ class Rerun:
                 # collective), so no rank may switch paths on its own timing: the loop only.
                 vectorize=False if self.trainer.world_size > 1 else None,
                 prepare=lambda model, twin: prepare_twin(self.trainer, twin),
+                model_context=lambda: borrowed(self.module),
             )
         return self._checker
 

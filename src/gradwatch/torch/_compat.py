@@ -18,6 +18,7 @@ __all__ = [
     "compiled_original",
     "copy_tensors",
     "foreach_norm",
+    "module_attribute_slots",
     "module_buffer_slots",
     "module_parameter_slots",
     "optimizer_unscales_itself",
@@ -104,6 +105,15 @@ def module_buffer_slots(module: nn.Module) -> Iterator[tuple[nn.Module, str, Any
     for m in module.modules():
         for key, b in m._buffers.items():
             yield m, key, b
+
+
+def module_attribute_slots() -> frozenset[str]:
+    """The keys of an ``nn.Module``'s ``__dict__`` that hold its parameters, buffers and submodules.
+
+    Read from torch 2.2-2.13 (``_parameters``, ``_buffers``, ``_modules``): everything else in
+    ``vars(module)`` is a plain attribute.
+    """
+    return frozenset({"_parameters", "_buffers", "_modules"})
 
 
 def set_module_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:

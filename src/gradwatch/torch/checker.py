@@ -7,8 +7,10 @@ that pays) and judges them with the framework-free engine (:func:`gradwatch.core
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -18,8 +20,13 @@ from torch import nn
 from gradwatch import options as v
 from gradwatch.core.assertion import raise_unless_verified
 from gradwatch.core.check import check_problem
+from gradwatch.core.fidelity import Agreement
+from gradwatch.core.finite_diff import tolerances_for
+from gradwatch.core.unchecked import unchecked_report
 from gradwatch.report import CheckReport
-from gradwatch.torch.evaluate import NP_DTYPES, Evaluator, LossFn, host_rng_preserved
+from gradwatch.torch.evaluate import NP_DTYPES, Evaluator, LossFn, host_rng_preserved, np_dtype
+from gradwatch.torch.reference import OwnPass, compare, module_state_kept, own_pass
+from gradwatch.torch.substitute import Substituted
 from gradwatch.torch.twin import Twin, cast_batch, named_trainable, unwrap_module
 from gradwatch.torch.vmap import BatchedEvaluator, Batching
 
@@ -48,6 +55,9 @@ class TorchChecker:
             it works, without timing it.
         prepare: Called as ``prepare(model, twin)`` once the twin is built (e.g. to restore a
             trainer reference or silence logging on it).
+        model_context: Entered around every call of ``loss_fn`` on the model itself (its own
+            pass, and the checks that evaluate it when the copy is not its function): Lightning
+            silences ``self.log`` there.
     """
 
     def __init__(
@@ -65,6 +75,7 @@ class TorchChecker:
         exclude: str | Sequence[str] | None = None,
         vectorize: bool | None = None,
         prepare: Callable[[nn.Module, nn.Module], None] | None = None,
+        model_context: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -97,6 +108,13 @@ class TorchChecker:
         #: only to measure what it costs.
         self.float64_guard = True
         self._twin: Twin | None = None
+        self.model_context = model_context
+        #: Why the copy is not the model's function (found at a check; then the model itself
+        #: is evaluated with float64 tensors swapped in), or ``""``.
+        self.copy_disagrees = ""
+        #: The last comparison of a float64 evaluation with the model's own pass.
+        self.agreement: Agreement | None = None
+        self._own: OwnPass | None = None
 
     def _target_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         if self.dtype_name == "float64":
@@ -127,6 +145,11 @@ class TorchChecker:
     ) -> CheckReport:
         """Run one check on ``batch``; the model is left exactly as it was.
 
+        Before judging, the float64 evaluation is compared with the model's own loss and gradient
+        on the same batch and seed (:mod:`gradwatch.torch.reference`); a copy that is not the
+        model's function is replaced by the model itself with float64 tensors swapped in, and if
+        that disagrees too the report is ``inconclusive`` with an ``unchecked`` event.
+
         Args:
             batch: Passed to ``loss_fn`` after its floating tensors are cast to the check dtype.
             step: Optimizer step recorded in the report.
@@ -135,46 +158,167 @@ class TorchChecker:
         """
         started = time.perf_counter()
         rng = np.random.default_rng(self.seed if sample_seed is None else sample_seed)
-        eval_seed = int(rng.integers(2**62))
+        seed = int(rng.integers(2**62))
         twin = self.twin()
-        notes = list(twin.notes)
         chosen = list(range(len(self.names))) if tensors is None else list(tensors)
-        with host_rng_preserved(), twin.synced() as module:
-            lookup = dict(named_trainable(module, self.include, self.exclude))
-            params = [lookup[n] for n in self.names]
-            device = params[0].device
-            cast = cast_batch(batch, self.torch_dtype, device)
-            args = (module, self.names, params, cast, self.loss_fn, eval_seed, self.torch_dtype)
-            draw, guard = self.model_dtype, self.float64_guard
-            evaluator: Evaluator = (
-                Evaluator(*args, draw_dtype=draw, float64_guard=guard)
-                if self.vectorize is False
-                else BatchedEvaluator(
-                    *args,
-                    batching=self.batching,
-                    force_vmap=self.vectorize is True,
-                    draw_dtype=draw,
-                    float64_guard=guard,
-                )
+
+        def judge(evaluator: Evaluator, notes: list[str]) -> CheckReport:
+            return check_problem(
+                evaluator,
+                tensors=chosen,
+                num_params=self.num_params,
+                mode=self.mode,
+                rng=rng,
+                rtol=self.rtol,
+                eps=self.eps,
+                step=step,
+                notes=notes,
+                started=started,
+                hint="check that loss_fn runs the model",
             )
+
+        self._own = None
+        with host_rng_preserved():
+            if twin.in_place or not self.copy_disagrees:
+                # In place, the model itself computes: nothing to verify.
+                report = self._on_copy(twin, batch, seed, judge, verify=not twin.in_place)
+                if report is not None:
+                    return report
+            return self._on_model(batch, seed, judge, step, started)
+
+    def _evaluator(self, module: nn.Module, batch: Any, seed: int, **kwargs: Any) -> Evaluator:
+        lookup = dict(named_trainable(module, self.include, self.exclude))
+        params = [lookup[n] for n in self.names]
+        return self._evaluator_of(module, params, batch, seed, self.loss_fn, **kwargs)
+
+    def _evaluator_of(
+        self,
+        module: nn.Module,
+        params: list[Any],
+        batch: Any,
+        seed: int,
+        loss_fn: LossFn,
+        *,
+        vectorize: bool | None = None,
+        **kwargs: Any,
+    ) -> Evaluator:
+        cast = cast_batch(batch, self.torch_dtype, params[0].device)
+        args = (module, self.names, params, cast, loss_fn, seed, self.torch_dtype)
+        draw, guard = self.model_dtype, self.float64_guard
+        if vectorize is False:
+            return Evaluator(*args, draw_dtype=draw, float64_guard=guard, **kwargs)
+        return BatchedEvaluator(
+            *args,
+            batching=self.batching,
+            force_vmap=vectorize is True,
+            draw_dtype=draw,
+            float64_guard=guard,
+            **kwargs,
+        )
+
+    def _on_copy(
+        self,
+        twin: Twin,
+        batch: Any,
+        seed: int,
+        judge: Callable[[Evaluator, list[str]], CheckReport],
+        *,
+        verify: bool,
+    ) -> CheckReport | None:
+        """The check on the twin; ``None`` when ``verify`` finds it is not the model's function."""
+        with twin.synced() as module:
+            evaluator = self._evaluator(module, batch, seed, vectorize=self.vectorize)
             try:
                 evaluator.compute_base()
-                report = check_problem(
-                    evaluator,
-                    tensors=chosen,
-                    num_params=self.num_params,
-                    mode=self.mode,
-                    rng=rng,
-                    rtol=self.rtol,
-                    eps=self.eps,
-                    step=step,
-                    notes=notes,
-                    started=started,
-                    hint="check that loss_fn runs the model",
-                )
+                if verify and _finite(evaluator):  # else the engine reports what is not finite
+                    self._own = self._own_pass(batch, seed)
+                    found = compare(self.names, evaluator.base_loss, evaluator.autodiff, self._own)
+                    self.agreement = found
+                    if not found.agrees:
+                        self.copy_disagrees = "the float64 copy's " + found.describe()
+                        return None
+                return judge(evaluator, [*twin.notes, *self._precision_note()])
             finally:
                 evaluator.restore_buffers()
-        return report
+
+    def _own_pass(self, batch: Any, seed: int) -> OwnPass:
+        lookup = dict(named_trainable(self.model, self.include, self.exclude))
+        params = [lookup[n] for n in self.names]
+        return own_pass(
+            self.model, params, batch, self.loss_fn, seed=seed, context=self.model_context
+        )
+
+    def _precision_note(self) -> list[str]:
+        """Say so when the copy could be verified only at 16-bit precision."""
+        a = self.agreement
+        if a is None or a.tolerance.precision in ("float32", "float64"):
+            return []
+        return [
+            f"the float64 evaluation was verified against the model's own {a.tolerance.precision} "
+            f"pass, which resolves its gradient only to {a.tolerance.gradient:g} (relative): a "
+            f"copy that lost a module can pass that; compute the loss without autocast in "
+            f"loss_fn to verify it at float32 precision"
+        ]
+
+    def _on_model(
+        self,
+        batch: Any,
+        seed: int,
+        judge: Callable[[Evaluator, list[str]], CheckReport],
+        step: int | None,
+        started: float,
+    ) -> CheckReport:
+        """The check on the model itself, float64 tensors swapped in (the copy was not faithful)."""
+        own = self._own if self._own is not None else self._own_pass(batch, seed)
+        sub = Substituted(self.model, self.loss_fn, self.torch_dtype, self.twin().device)
+        with (
+            module_state_kept(self.model),
+            self.model_context() if self.model_context else contextlib.nullcontext(),
+        ):
+            evaluator = self._evaluator_of(
+                self.model,
+                sub.tensors(self.names),
+                batch,
+                seed,
+                sub.loss_fn,
+                vectorize=False,
+                buffers=sub.buffers,
+            )
+            evaluator.compute_base()
+            found = compare(self.names, evaluator.base_loss, evaluator.autodiff, own)
+            self.agreement = found
+            if found.agrees:
+                note = (
+                    f"{self.copy_disagrees} (copy.deepcopy does not reproduce every module), so "
+                    f"this check evaluated the model itself with float64 tensors swapped in "
+                    f"(torch.func.functional_call), one perturbation at a time"
+                )
+                return judge(evaluator, [*self.twin().notes, note, *self._precision_note()])
+        message = (
+            f"{self.copy_disagrees}, and the model itself, evaluated with float64 tensors swapped "
+            f"in (torch.func.functional_call), disagrees too (its {found.describe()}): the loss "
+            f"function computes another function in float64 than in the model's dtype, so "
+            f"nothing was verified; make loss_fn compute the same function in float64, or check "
+            f"in the model's dtype (dtype=None)"
+        )
+        self.copy_disagrees = ""  # not the copy's fault: the next check tries it again
+        return unchecked_report(
+            step=step,
+            message=message,
+            mode=self.mode,
+            dtype=str(self.torch_dtype).replace("torch.", ""),
+            rtol=tolerances_for(np_dtype(self.torch_dtype), self.rtol).rtol,
+            evaluations=evaluator.evaluations + 2,
+            seconds=time.perf_counter() - started,
+            notes=self.twin().notes,
+        )
+
+
+def _finite(evaluator: Evaluator) -> bool:
+    """Whether the base loss and every autodiff gradient of ``evaluator`` are finite."""
+    if not np.isfinite(evaluator.base_loss):
+        return False
+    return all(bool(torch.isfinite(g).all()) for g in evaluator.autodiff if g is not None)
 
 
 def check_gradients(

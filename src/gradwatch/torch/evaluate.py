@@ -62,6 +62,7 @@ class Evaluator:
         *,
         draw_dtype: torch.dtype | None = None,
         float64_guard: bool = True,
+        buffers: Sequence[torch.Tensor] | None = None,
     ) -> None:
         self.module = module
         self._names = names
@@ -72,7 +73,8 @@ class Evaluator:
         self.torch_dtype = dtype
         self.np_dtype = np.dtype(np_dtype(dtype))
         self.devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-        self.buffers = [(b, b.detach().clone()) for b in module.buffers()]
+        kept = module.buffers() if buffers is None else buffers
+        self.buffers = [(b, b.detach().clone()) for b in kept]
         self._base: float = float("nan")
         self._grads: list[torch.Tensor | None] = []
         self.evaluations = 0
@@ -97,6 +99,11 @@ class Evaluator:
     @property
     def base_loss(self) -> float:
         return self._base
+
+    @property
+    def autodiff(self) -> list[torch.Tensor | None]:
+        """The autodiff gradient of each tensor at the base point (after :meth:`compute_base`)."""
+        return list(self._grads)
 
     def values(self, tensor: int) -> npt.NDArray[np.floating[Any]]:
         return self.params[tensor].detach().cpu().numpy().copy()
