@@ -22,6 +22,10 @@ def to_numpy(x: Any) -> np.ndarray[Any, Any]:
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
+#: The compiled weight-norm function of the latest variable list (TensorFlow).
+_TF_NORMS: dict[tuple[int, ...], Any] = {}
+
+
 def variable_norms(variables: list[Any]) -> np.ndarray[Any, Any]:
     """L2 norm of each variable, computed on its device and read to the host at once.
 
@@ -36,8 +40,14 @@ def variable_norms(variables: list[Any]) -> np.ndarray[Any, Any]:
     if backend == "tensorflow":
         import tensorflow as tf
 
-        norms = tf.stack([tf.norm(tf.cast(x, tf.float32)) for x in values])
-        return np.asarray(norms.numpy(), dtype=np.float64)
+        key = tuple(id(x) for x in values)
+        fn = _TF_NORMS.get(key)
+        if fn is None:  # traced once per variable list: eager ops cost ~0.25 ms per variable
+            _TF_NORMS.clear()
+            fn = _TF_NORMS[key] = tf.function(
+                lambda: tf.stack([tf.norm(tf.cast(x, tf.float32)) for x in values])
+            )
+        return np.asarray(fn().numpy(), dtype=np.float64)
     if backend == "torch":
         import torch
 
