@@ -9,7 +9,7 @@ from typing import Any
 import keras
 import numpy as np
 
-__all__ = ["floatx", "to_numpy", "torch_rng", "value_and_grad"]
+__all__ = ["floatx", "to_numpy", "torch_rng", "value_and_grad", "variable_norms"]
 
 
 def to_numpy(x: Any) -> np.ndarray[Any, Any]:
@@ -20,6 +20,46 @@ def to_numpy(x: Any) -> np.ndarray[Any, Any]:
         # copy argument); read it as a tensor first.
         x = x.read_value()
     return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+#: The compiled weight-norm function of the latest variable list (TensorFlow).
+_TF_NORMS: dict[tuple[int, ...], Any] = {}
+
+
+def variable_norms(variables: list[Any]) -> np.ndarray[Any, Any]:
+    """L2 norm of each variable, computed on its device and read to the host at once.
+
+    Example:
+        >>> variable_norms([keras.Variable(np.full((2, 2), 0.5, "float32"))]).tolist()
+        [1.0]
+    """
+    if not variables:
+        return np.zeros(0)
+    backend = keras.backend.backend()
+    values = [v.value if isinstance(v, keras.Variable) else v for v in variables]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        key = tuple(id(x) for x in values)
+        fn = _TF_NORMS.get(key)
+        if fn is None:  # traced once per variable list: eager ops cost ~0.25 ms per variable
+            _TF_NORMS.clear()
+            fn = _TF_NORMS[key] = tf.function(
+                lambda: tf.stack([tf.norm(tf.cast(x, tf.float32)) for x in values])
+            )
+        return np.asarray(fn().numpy(), dtype=np.float64)
+    if backend == "torch":
+        import torch
+
+        from gradwatch.torch import _compat as torch_compat
+
+        tensors = [x.detach().float() for x in values]
+        device = tensors[0].device
+        stacked = torch.stack([n.to(device) for n in torch_compat.foreach_norm(tensors)])
+        return np.asarray(stacked.cpu().numpy(), dtype=np.float64)
+    ops = keras.ops
+    norms = ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(x, "float32")))) for x in values])
+    return np.asarray(ops.convert_to_numpy(norms), dtype=np.float64)
 
 
 def value_and_grad(

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from gradwatch.core.policy import Action
-from gradwatch.keras.backend import to_numpy
+from gradwatch.keras.backend import to_numpy, variable_norms
 from gradwatch.keras.checker import (
     KerasChecker,
     check_probe_data,
@@ -296,6 +296,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         keep = [i for i, s in enumerate(steps) if w.observes(s) or (loud and loud[i])]
         if not keep or not self._taps.names:
             return action
+        self._observe_weights()
         _, rows = w.observe_norm_rows([steps[i] for i in keep], self._taps.names, values[keep])
         self._last_norm = float(np.sqrt(np.sum(values[keep[-1]] ** 2)))
         if self._taps.no_skip:
@@ -306,6 +307,14 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
                 f"({self._taps.no_skip}); fit halts after it",
             )
         return action.merged(rows)
+
+    def _observe_weights(self) -> None:
+        """The weights' norms for the relative vanishing rule: once per block, from the host."""
+        variables = [v for v in self.model.trainable_variables if v.path in self._taps.shapes]
+        norms = variable_norms(variables)
+        self._watcher.observe_weight_norms(
+            {v.path: float(x) for v, x in zip(variables, norms, strict=True)}
+        )
 
     def _observe_skips(self, step: int) -> Action:
         """Steps a ``LossScaleOptimizer`` skipped (overflow): counted; a run of them is an event."""

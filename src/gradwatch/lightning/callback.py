@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
@@ -401,9 +402,22 @@ class GradWatch(WatchRecords, Callback):
             return Action()
         rows, self._rows = self._rows, []
         steps, self._row_steps = self._row_steps, []
-        host = torch.stack(rows).cpu().numpy().astype(np.float64)
+        host = self._to_host(rows)
         _, action = self._watcher.observe_norm_rows(steps, self._row_names, host)
         return agree_action(trainer, action) if self._agree else action
+
+    def _to_host(self, rows: list[torch.Tensor]) -> npt.NDArray[np.float64]:
+        """The block's norm rows and the weights' norms, in one device-to-host transfer.
+
+        The weight norms go to the watcher (the relative vanishing rule); the rows are returned.
+        """
+        stacked = torch.stack(rows).double()
+        weights = self._norms.weight_vector(stacked.device).double()
+        host = torch.cat([stacked.flatten(), weights]).cpu().numpy()
+        cut = stacked.numel()
+        names = [n for n, _ in self._norms.params]
+        self._watcher.observe_weight_norms(dict(zip(names, host[cut:].tolist(), strict=True)))
+        return np.asarray(host[:cut].reshape(stacked.shape), dtype=np.float64)
 
     def _check(self, trainer: Trainer, batch: Any, batch_idx: int, step: int) -> None:
         w = self._watcher
@@ -479,8 +493,7 @@ class GradWatch(WatchRecords, Callback):
             if self._rows:
                 rows, self._rows = self._rows, []
                 steps, self._row_steps = self._row_steps, []
-                host = torch.stack(rows).cpu().double().numpy()
-                self._watcher.observe_norm_rows(steps, self._row_names, host)
+                self._watcher.observe_norm_rows(steps, self._row_names, self._to_host(rows))
             self._watcher.flush_health()
         except Exception:  # never hide the exception that ended training
             pass

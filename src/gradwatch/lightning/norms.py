@@ -41,6 +41,17 @@ class GradNorms:
         """``(name, .grad)`` of the optimizer's watched parameters that have a gradient."""
         return [(n, p.grad) for n, p in self.owned(optimizer) if p.grad is not None]
 
+    def weight_vector(self, device: torch.device) -> torch.Tensor:
+        """L2 norm of every watched parameter (``params`` order) on ``device``: one fused reduction.
+
+        Read with the block's gradient norms for the relative vanishing rule (``‖g‖/‖w‖``).
+        """
+        if not self.params:
+            return torch.zeros(0, device=device)
+        values = [p.detach() for _, p in self.params]
+        norms = [x.to(device=device, dtype=torch.float32) for x in _compat.foreach_norm(values)]
+        return torch.stack(norms)
+
     @staticmethod
     def names(named: Sequence[tuple[str, torch.Tensor]]) -> tuple[str, ...]:
         """The order of :meth:`vector`'s entries: dense gradients first, then sparse ones."""

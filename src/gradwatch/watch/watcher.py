@@ -59,6 +59,7 @@ __all__ = [
     "Watcher",
     "global_norm",
     "merge_rank_events",
+    "zero_labels",
 ]
 
 logger = logging.getLogger("gradwatch")
@@ -71,6 +72,27 @@ MAX_EVENTS = 10_000
 HEALTH_BLOCK = 16
 #: Training-step durations the distributed check plan averages over.
 STEP_TIMES = 50
+
+
+def zero_labels(report: CheckReport) -> dict[str, bool]:
+    """Per checked tensor: whether every informative entry of it was labelled ``zero``.
+
+    ``kink`` entries say nothing either way; a tensor with only kinks is left out.
+
+    Example:
+        >>> from gradwatch.report import EntryResult
+        >>> entries = [EntryResult("b", (0,), 0.0, 0.0, None, "zero"),
+        ...            EntryResult("w", (0,), 1.0, 1.0, 0.0, "ok")]
+        >>> zero_labels(CheckReport(1, "pass", 0.0, tuple(entries), (), "coordinate",
+        ...                         "float64", 1e-5, 4, 0.1))
+        {'b': True, 'w': False}
+    """
+    labels: dict[str, bool] = {}
+    for entry in report.results:
+        if entry.status == "kink":
+            continue
+        labels[entry.param] = labels.get(entry.param, True) and entry.status == "zero"
+    return labels
 
 
 class Watcher:
@@ -346,6 +368,22 @@ class Watcher:
         events.extend(self._add_rows([int(x) for x in steps], tuple(names), rows, written))
         return events, self._record(events)
 
+    def observe_weight_norms(self, norms: Mapping[str, float]) -> None:
+        """The weights' L2 norms (name → ``‖w‖``), for the relative vanishing rule.
+
+        Callbacks hand them once per block, read with the block's gradient norms; the rows
+        judged next use them (weights move little within a block).
+
+        Example:
+            >>> w = Watcher(WatchConfig.create(), first_step=1)
+            >>> w.start({"fc.weight": (2, 2)})
+            >>> w.observe_weight_norms({"fc.weight": 1.0})
+        """
+        if self.health is None:
+            self.start({k: (self.numels.get(k, 1),) for k in norms})
+        assert self.health is not None
+        self.health.observe_weights(norms)
+
     def _write_row(self, step: int, names: tuple[str, ...], row: npt.NDArray[np.float64]) -> None:
         self._write_norms(step, dict(zip(names, row.tolist(), strict=True)))
 
@@ -526,6 +564,8 @@ class Watcher:
             return self._record(list(events or ()))
         self._reports.append(report)
         self.checks_done += 1
+        if self.health is not None:
+            self.health.mark_zero(zero_labels(report))
         self._write(lambda sink: sink.write_report(report), step)
         return self._record(list(report.events if events is None else events), report)
 
