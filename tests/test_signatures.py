@@ -31,7 +31,7 @@ def test_keras_signature_matches_watch_config():
 
     params = _params(GradWatch)
     assert params[: len(FIELDS)] == FIELDS
-    assert [n for n, _ in params[len(FIELDS) :]] == ["data", "log_dir"]
+    assert [n for n, _ in params[len(FIELDS) :]] == ["data", "log_dir", "loss_fn"]
 
 
 def test_defaults_are_the_documented_ones():

@@ -152,9 +152,13 @@ def dispatch(
         (console if console is not None else Console()).announce(warned)
     reason = None
     if halting:
-        groups = dict.fromkeys((e.step, e.kind) for e in halting)
-        lines = [describe([e for e in halting if (e.step, e.kind) == key]) for key in groups]
-        reason = f"{'; '.join(lines)} ({policy_argument(halting[0])}='halt')"
+        key = (halting[0].step, halting[0].kind)
+        first = [
+            e for e in halting if (e.step, e.kind) == key
+        ]  # the first step's kind, in one line
+        rest = len(halting) - len(first)
+        more = f"; and {rest} more halting event{'s' if rest > 1 else ''}" if rest else ""
+        reason = f"{describe(first)}{more} ({policy_argument(halting[0])}='halt')"
     return Action(
         halt=bool(halting),
         error=error,
