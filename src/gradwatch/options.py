@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from gradwatch.core.check import MODES
 from gradwatch.core.health import HealthThresholds
@@ -19,6 +19,9 @@ from gradwatch.core.policy import Policy, validate_policy
 __all__ = [
     "DTYPES",
     "CheckOptions",
+    "DType",
+    "Mode",
+    "Policy",
     "WatchConfig",
     "check_dtype",
     "check_mode",
@@ -34,6 +37,11 @@ __all__ = [
 ]
 
 DTYPES: tuple[str | None, ...] = ("float64", "float32", None)
+
+#: The argument types the callbacks declare, so a LightningCLI/jsonargparse config is checked
+#: when it is parsed and ``--help`` lists the choices (the values are validated at run time too).
+Mode = Literal["coordinate", "directional"]
+DType = Literal["float64", "float32"]
 
 
 def check_positive_int(argument: str, value: object, *, allow_none: bool = False) -> int | None:

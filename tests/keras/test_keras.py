@@ -190,6 +190,19 @@ def test_callback_warns_by_default():
         )
 
 
+def test_a_keras_run_speaks_keras_not_torch():
+    model, _, _ = buggy("stop_gradient")
+    with pytest.warns(GradientHealthWarning, match="disconnected") as caught:
+        model.fit(
+            *km.data("mlp", n=32), batch_size=16, epochs=1, callbacks=[GradWatch()], verbose=0
+        )
+    (ours,) = [w for w in caught if "disconnected" in str(w.message)]
+    text = str(ours.message)
+    assert "ops.stop_gradient" in text and ".numpy()" in text
+    assert not any(word in text for word in (".detach()", ".item()", ".data"))
+    assert ours.filename == __file__  # attributed to the model.fit line
+
+
 def test_probe_data_forms(tmp_path):
     x, y = km.data("mlp", n=64)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)

@@ -51,3 +51,33 @@ trainer:
     assert cb.config.include == ("fc1", "out")
     assert [r.step for r in cb.reports] == [0, 2]
     assert {p.split(".")[1] for r in cb.reports for p in r.params} == {"fc1", "out"}
+
+
+def test_a_wrong_policy_fails_when_the_config_is_parsed(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        """
+trainer:
+  callbacks:
+    - class_path: gradwatch.lightning.GradWatch
+      init_args:
+        on_explode: stop
+"""
+    )
+    with pytest.raises(SystemExit) as info:
+        LightningCLI(CLIModule, args=["--config", str(config), "--print_config"], run=False)
+    assert info.value.code != 0
+    assert "on_explode" in capsys.readouterr().err
+
+
+def test_help_lists_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        LightningCLI(
+            CLIModule,
+            args=["fit", "--trainer.callbacks.help", "GradWatch"],
+            save_config_callback=None,
+        )
+    out = capsys.readouterr().out
+    assert "{ignore,warn,halt,raise}" in out
+    assert "{coordinate,directional}" in out
+    assert "Optional[Literal['float64', 'float32']]" in out

@@ -66,7 +66,7 @@ def assert_checked_and_clean(cb, caplog):
 
 @pytest.mark.parametrize("kind", ["bce", "gan", "diffusion"])
 def test_step_made_float32_is_checked_in_float64(kind, caplog):
-    caplog.set_level(logging.WARNING, logger="gradwatch")
+    caplog.set_level(logging.INFO, logger="gradwatch")  # events are INFO records
     torch.manual_seed(0)
     cb = fit(Step(kind), GradWatch(check_every_n_steps=2))
     assert len(cb.reports) == 2
@@ -94,7 +94,7 @@ class DemoTransformer(L.LightningModule):
 
 
 def test_lightning_demo_transformer_passes(caplog):
-    caplog.set_level(logging.WARNING, logger="gradwatch")
+    caplog.set_level(logging.INFO, logger="gradwatch")  # events are INFO records
     torch.manual_seed(0)
     ids = rc.token_batch(n=8, length=7, vocab=23)
     data = torch.utils.data.DataLoader(
@@ -134,7 +134,7 @@ def compilations(where: str, watch: bool, caplog) -> tuple[int, GradWatch | None
 
 @pytest.mark.parametrize("where", ["submodule", "whole module"])
 def test_checks_of_compiled_code_compile_nothing(where, caplog):
-    caplog.set_level(logging.WARNING, logger="gradwatch")
+    caplog.set_level(logging.INFO, logger="gradwatch")  # events are INFO records
     alone, _ = compilations(where, watch=False, caplog=caplog)
     watched, cb = compilations(where, watch=True, caplog=caplog)
     assert watched == alone >= 1

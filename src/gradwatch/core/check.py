@@ -51,6 +51,7 @@ def run_check(
     step: int | None = None,
     notes: Sequence[str] = (),
     started: float | None = None,
+    framework: str = "torch",
 ) -> CheckReport:
     """Check the autodiff gradients of ``problem`` against central finite differences.
 
@@ -65,6 +66,8 @@ def run_check(
         step: Optimizer step recorded in the report and its events.
         notes: Remarks carried into the report.
         started: ``time.perf_counter()`` when the check began (for ``seconds``), default now.
+        framework: Whose words the messages use (``"torch"``, ``"keras"``; see
+            :mod:`~gradwatch.core.vocabulary`).
 
     Returns:
         The report. Entries whose estimates at ``h`` and ``h/2`` disagree are kinks and are replaced
@@ -155,7 +158,9 @@ def run_check(
     if tol.aggregate:
         judge_aggregate(info, done, tol)
     notes = [*notes, *_precision_notes(done, base, noise)]
-    return build_report(problem, info, done, tol, dtype, mode, step, evaluations, t0, notes)
+    return build_report(
+        problem, info, done, tol, dtype, mode, step, evaluations, t0, notes, framework
+    )
 
 
 def _smallest_resolved_change(entries: Sequence[Entry]) -> float:
@@ -495,6 +500,7 @@ def check_problem(
     notes: Sequence[str],
     started: float,
     hint: str = "",
+    framework: str = "torch",
 ) -> CheckReport:
     """:func:`run_check` as the adapters use it: notes on coverage, and a clear error for a loss
     that depends on none of the model's tensors.
@@ -519,6 +525,7 @@ def check_problem(
         step=step,
         notes=notes,
         started=started,
+        framework=framework,
     )
     no_path = all(problem.gradient(t) is None for t in range(len(problem.names)))
     if no_path and not report.failed and not report.events:

@@ -8,15 +8,23 @@ writers, then raise the error it carries).
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from gradwatch.errors import GradientCheckError, GradientHealthWarning
+from gradwatch.core.console import Console, describe, event_text
+from gradwatch.errors import GradientCheckError
 from gradwatch.report import CheckReport, GradientEvent
 
-__all__ = ["POLICIES", "Action", "dispatch", "policy_for", "validate_policy"]
+__all__ = [
+    "POLICIES",
+    "Action",
+    "Policy",
+    "dispatch",
+    "policy_argument",
+    "policy_for",
+    "validate_policy",
+]
 
 logger = logging.getLogger("gradwatch")
 
@@ -57,14 +65,18 @@ def policy_for(event: GradientEvent, policies: Mapping[str, Policy]) -> Policy:
     """
     if event.kind == "unchecked":
         return "warn"
-    key = {
+    return policies.get(policy_argument(event), "warn")
+
+
+def policy_argument(event: GradientEvent) -> str:
+    """The argument whose policy governs an event (``"on_mismatch"`` for ``disconnected``)."""
+    return {
         "mismatch": "on_mismatch",
         "disconnected": "on_mismatch",
         "vanishing": "on_vanish",
         "exploding": "on_explode",
         "nonfinite": "on_nonfinite",
-    }[event.kind]
-    return policies.get(key, "warn")
+    }.get(event.kind, "policy")
 
 
 @dataclass(frozen=True)
@@ -74,10 +86,15 @@ class Action:
     Attributes:
         halt: Stop training cleanly after the current step.
         error: Raise this (after flushing writers); ``None`` when nothing asks to raise.
+        reason: Why it halts, one line (the halting events and their policy); ``None`` when it
+            does not halt or another rank asked to.
+        since: The step of the first halting event (``None`` with no reason).
     """
 
     halt: bool = False
     error: GradientCheckError | None = None
+    reason: str | None = None
+    since: int | None = None
 
     def merged(self, other: Action) -> Action:
         """Both actions at once: halt if either halts, the first error if any.
@@ -86,7 +103,12 @@ class Action:
             >>> Action(halt=True).merged(Action()).halt
             True
         """
-        return Action(halt=self.halt or other.halt, error=self.error or other.error)
+        return Action(
+            halt=self.halt or other.halt,
+            error=self.error or other.error,
+            reason=self.reason or other.reason,
+            since=self.since if self.reason else other.since,
+        )
 
 
 def dispatch(
@@ -95,32 +117,51 @@ def dispatch(
     report: CheckReport | None = None,
     *,
     announce: bool = True,
+    console: Console | None = None,
 ) -> Action:
-    """Log every event, warn where the policy says so, and return the action to take.
+    """Warn where the policy says so (once, summarised) and return the action to take.
 
-    ``announce=False`` (the ranks other than zero) decides the same action and says nothing.
+    Every event is logged once at INFO on the ``gradwatch`` logger (not printed unless logging
+    is configured); the console sees one warning per group of ``warn`` events (see
+    :mod:`~gradwatch.core.console`). ``halt`` events are not warned about: the action carries
+    them as its ``reason``, which the callback prints in the one line of the halt. ``raise``
+    events become the error. ``announce=False`` (the ranks other than zero) decides the same
+    action and says nothing.
 
     Example:
         >>> e = GradientEvent(4, "exploding", "fc.weight", 5e3, 1e3, "too big")
-        >>> dispatch([e], {"on_explode": "halt"}).halt
-        True
+        >>> action = dispatch([e], {"on_explode": "halt"})
+        >>> action.halt, action.reason
+        (True, "exploding in fc.weight: too big (on_explode='halt')")
     """
-    halt = False
     error: GradientCheckError | None = None
+    warned: list[GradientEvent] = []
+    halting: list[GradientEvent] = []
     for event in events:
         policy = policy_for(event, policies)
-        where = "" if event.param == "global" else f" in {event.param}"
-        text = f"gradwatch: step {event.step}: {event.kind}{where}: {event.message}"
-        if policy == "ignore":
-            if announce:
-                logger.info(text)
-            continue
+        text = event_text(event)
         if announce:
-            logger.warning(text)
-        if policy == "warn" and announce:
-            warnings.warn(text, GradientHealthWarning, stacklevel=3)
+            logger.info(text)
+        if policy == "warn":
+            warned.append(event)
         elif policy == "halt":
-            halt = True
+            halting.append(event)
         elif policy == "raise" and error is None:
             error = GradientCheckError(text, report=report, event=event)
-    return Action(halt=halt, error=error)
+    if announce and warned:
+        (console if console is not None else Console()).announce(warned)
+    reason = None
+    if halting:
+        key = (halting[0].step, halting[0].kind)
+        first = [
+            e for e in halting if (e.step, e.kind) == key
+        ]  # the first step's kind, in one line
+        rest = len(halting) - len(first)
+        more = f"; and {rest} more halting event{'s' if rest > 1 else ''}" if rest else ""
+        reason = f"{describe(first)}{more} ({policy_argument(halting[0])}='halt')"
+    return Action(
+        halt=bool(halting),
+        error=error,
+        reason=reason,
+        since=halting[0].step if halting else None,
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from gradwatch.core.vocabulary import vocabulary
 from gradwatch.report import CheckReport, GradientEvent
 
 __all__ = ["no_check_message", "unchecked_event", "unchecked_report"]
@@ -35,8 +36,9 @@ def unchecked_event(step: int | None, message: str, param: str = "global") -> Gr
     )
 
 
-def no_check_message(steps: int, period: int | None) -> str:
-    """Why a run with checks enabled ends with no check, and what to do about it.
+def no_check_message(steps: int, period: int | None, framework: str | None = None) -> str:
+    """Why a run with checks enabled ends with no check, and what to do about it (in
+    ``framework``'s words; ``None``: both standalone checks are named).
 
     Example:
         >>> no_check_message(10, 1000)
@@ -49,10 +51,14 @@ def no_check_message(steps: int, period: int | None) -> str:
             f"(check_every_n_steps={period} puts none of them on the schedule), so its gradients "
             f"were not verified: pass check_every_n_steps={max(1, steps)} or less"
         )
+    standalone = (
+        vocabulary(framework).check_gradients
+        if framework is not None
+        else "gradwatch.torch.check_gradients / gradwatch.keras.check_gradients"
+    )
     return (
         f"no gradient check ran in the {steps} optimizer {plural} of this run, so its gradients "
-        f"were not verified: see the warnings above for why, or run "
-        f"gradwatch.torch.check_gradients / gradwatch.keras.check_gradients on one batch"
+        f"were not verified: see the warnings above for why, or run {standalone} on one batch"
     )
 
 

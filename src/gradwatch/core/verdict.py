@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -11,7 +10,9 @@ import numpy as np
 import numpy.typing as npt
 
 from gradwatch.core import finite_diff as fd
+from gradwatch.core.console import user_warn
 from gradwatch.core.problem import Problem
+from gradwatch.core.vocabulary import vocabulary
 from gradwatch.report import CheckReport, EntryResult, GradientEvent, Status, Verdict
 
 __all__ = [
@@ -68,7 +69,7 @@ def _warn_low_precision_once(note: str) -> None:
     global _LOW_PRECISION_WARNED
     if not _LOW_PRECISION_WARNED:
         _LOW_PRECISION_WARNED = True
-        warnings.warn(f"gradwatch: {note}", UserWarning, stacklevel=4)
+        user_warn(f"gradwatch: {note}", UserWarning)
 
 
 def nonfinite_report(
@@ -139,7 +140,10 @@ def build_report(
     evaluations: int,
     t0: float,
     notes: Sequence[str],
+    framework: str = "torch",
 ) -> CheckReport:
+    """The report of a measured check; messages speak ``framework``'s vocabulary."""
+    words = vocabulary(framework)
     results = tuple(
         EntryResult(
             param=info[e.tensor].name,
@@ -169,8 +173,8 @@ def build_report(
                     threshold=tol.rtol,
                     message=(
                         f"autodiff gives {rec.name} {got}, but the loss changes with it "
-                        f"(finite difference {worst.numeric:.4g} {where}): a .detach(), .item(), "
-                        f".data or a non-differentiable operation cuts it out of the graph"
+                        f"(finite difference {worst.numeric:.4g} {where}): {words.graph_cuts} "
+                        f"cuts it out of the graph"
                     ),
                 )
             )

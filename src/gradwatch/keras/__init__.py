@@ -8,6 +8,13 @@ Example:
     'pass'
 """
 
+from gradwatch._extras import missing_extra
+
+try:
+    import keras  # noqa: F401  (Keras imports its backend here: TensorFlow by default)
+except ModuleNotFoundError as _exc:
+    raise missing_extra(_exc, "keras") from _exc
+
 from gradwatch.keras.callback import GradWatch
 from gradwatch.keras.checker import assert_gradients, check_gradients
 

@@ -24,7 +24,15 @@ from gradwatch.keras.checker import (
     probe_batch,
 )
 from gradwatch.keras.taps import Taps
-from gradwatch.options import WatchConfig, check_path, check_selection, compile_patterns
+from gradwatch.options import (
+    DType,
+    Mode,
+    Policy,
+    WatchConfig,
+    check_path,
+    check_selection,
+    compile_patterns,
+)
 from gradwatch.watch.sinks import Sink, TensorBoardSink, require_tensorboard
 from gradwatch.watch.watcher import Watcher, WatchRecords
 
@@ -65,8 +73,8 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self,
         check_every_n_steps: int | None = None,
         num_params: int = 32,
-        mode: str = "coordinate",
-        dtype: str | None = "float64",
+        mode: Mode = "coordinate",
+        dtype: DType | None = "float64",
         enable_checks: bool = True,
         enable_norms: bool = True,
         norm_every_n_steps: int = 1,
@@ -74,10 +82,10 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         vanish_threshold: float = 1e-7,
         explode_threshold: float = 1e3,
         patience: int = 3,
-        on_mismatch: str = "warn",
-        on_vanish: str = "warn",
-        on_explode: str = "warn",
-        on_nonfinite: str = "halt",
+        on_mismatch: Policy = "warn",
+        on_vanish: Policy = "warn",
+        on_explode: Policy = "warn",
+        on_nonfinite: Policy = "halt",
         max_overhead: float = 0.02,
         seed: int = 0,
         eps: float | None = None,
@@ -100,7 +108,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             require_tensorboard("log_dir")
         self.data = data
         self.log_dir = log_dir
-        self._watcher = Watcher(self.config, first_step=1)
+        self._watcher = Watcher(self.config, first_step=1, framework="keras")
         self._taps = Taps()
         self._checker: KerasChecker | None = None
         self._probe: tuple[Any, Any, Any] | None = None
@@ -227,6 +235,8 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         action = self._catch_up(final=True)
         # A run with checks enabled in which no check ran is never reported as clean.
         action = action.merged(self._watcher.finish_checks(self._step))
+        # A halt judged at the very end has nothing left to stop: its line says so.
+        self._watcher.announce_halt(self._step, action, ended=True)
         try:
             self._act(Action(error=action.error))  # nothing left to halt
         finally:
@@ -333,6 +343,8 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             raise action.error
         if action.halt:
             self.model.stop_training = True
+            # One line, once: gradwatch stopped training, at which step, and why.
+            self._watcher.announce_halt(self._step, action)
 
     def _check(self, step: int) -> Action:
         w = self._watcher

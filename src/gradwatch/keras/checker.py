@@ -285,6 +285,7 @@ class KerasChecker:
             step=step,
             notes=list(self.notes) + problem.notes,
             started=started,
+            framework="keras",
         )
 
 

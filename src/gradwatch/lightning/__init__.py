@@ -7,6 +7,14 @@ Example:
     'halt'
 """
 
+from gradwatch._extras import missing_extra
+
+try:
+    import lightning.pytorch  # noqa: F401
+    import torch  # noqa: F401
+except ModuleNotFoundError as _exc:
+    raise missing_extra(_exc, "lightning") from _exc
+
 from gradwatch.lightning.callback import GradWatch
 
 __all__ = ["GradWatch"]

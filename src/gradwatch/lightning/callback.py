@@ -34,7 +34,14 @@ from gradwatch.lightning.distributed import agree_action, agree_after_check, agr
 from gradwatch.lightning.norms import GradNorms
 from gradwatch.lightning.rerun import NotRerunnable, Rerun, SkipCheck
 from gradwatch.lightning.sinks import LoggersSink
-from gradwatch.options import WatchConfig, check_selection, compile_patterns
+from gradwatch.options import (
+    DType,
+    Mode,
+    Policy,
+    WatchConfig,
+    check_selection,
+    compile_patterns,
+)
 from gradwatch.report import CheckReport
 from gradwatch.torch import _compat as torch_compat
 from gradwatch.torch.twin import clean_name, uncastable
@@ -99,8 +106,8 @@ class GradWatch(WatchRecords, Callback):
         self,
         check_every_n_steps: int | None = None,
         num_params: int = 32,
-        mode: str = "coordinate",
-        dtype: str | None = "float64",
+        mode: Mode = "coordinate",
+        dtype: DType | None = "float64",
         enable_checks: bool = True,
         enable_norms: bool = True,
         norm_every_n_steps: int = 1,
@@ -108,10 +115,10 @@ class GradWatch(WatchRecords, Callback):
         vanish_threshold: float = 1e-7,
         explode_threshold: float = 1e3,
         patience: int = 3,
-        on_mismatch: str = "warn",
-        on_vanish: str = "warn",
-        on_explode: str = "warn",
-        on_nonfinite: str = "halt",
+        on_mismatch: Policy = "warn",
+        on_vanish: Policy = "warn",
+        on_explode: Policy = "warn",
+        on_nonfinite: Policy = "halt",
         max_overhead: float = 0.02,
         seed: int = 0,
         eps: float | None = None,
@@ -126,7 +133,7 @@ class GradWatch(WatchRecords, Callback):
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable as loss_fn(module, batch), got {loss_fn!r}")
         self.loss_fn = loss_fn
-        self._watcher = Watcher(self.config, first_step=0)
+        self._watcher = Watcher(self.config, first_step=0, framework="lightning")
         self._norms = GradNorms([])
         self._rerun: Rerun | None = None
         policies = self.config.policies
@@ -467,12 +474,15 @@ class GradWatch(WatchRecords, Callback):
             action = action.merged(w.disable_checks(step, failure or "on another rank", _FIX))
         self._act(trainer, action.merged(w.observe_report(report, step, seconds, agreed.events)))
 
-    def _act(self, trainer: Trainer, action: Action) -> None:
+    def _act(self, trainer: Trainer, action: Action, *, ended: bool = False) -> None:
         if action.error is not None:
             self._watcher.flush()
             raise action.error
         if action.halt:
             trainer.should_stop = True
+            # One line, rank zero, once: gradwatch stopped training, at which step, and why.
+            step = _compat.optimizer_step(trainer) - (1 if ended else 0)
+            self._watcher.announce_halt(max(0, step), action, ended=ended)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         try:
@@ -481,7 +491,7 @@ class GradWatch(WatchRecords, Callback):
             action = action.merged(agree_action(trainer, last) if self._agree else last)
             # A run with checks enabled in which no check ran is never reported as clean.
             step = max(0, _compat.optimizer_step(trainer) - 1)  # the last step that ran
-            self._act(trainer, action.merged(self._watcher.finish_checks(step)))
+            self._act(trainer, action.merged(self._watcher.finish_checks(step)), ended=True)
         finally:
             self._watcher.flush()
 

@@ -83,4 +83,7 @@ def agree_action(trainer: Trainer, action: Action) -> Action:
         error = GradientCheckError(
             "GradWatch: another rank raised on a gradient-health event (its error names it)"
         )
-    return Action(halt=halt, error=error)
+    reason = action.reason
+    if halt and reason is None:
+        reason = "another rank asked to stop (its events are in the logs)"
+    return Action(halt=halt, error=error, reason=reason, since=action.since)

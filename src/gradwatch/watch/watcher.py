@@ -22,7 +22,6 @@ import functools
 import logging
 import math
 import re
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from gradwatch.core.console import Console, user_warn
 from gradwatch.core.health import (
     SKIPPED_STEPS_EVENT,
     HealthMonitor,
@@ -101,6 +101,10 @@ class Watcher:
     Args:
         config: Validated configuration.
         first_step: The framework's label of the first optimizer step (Lightning 0, Keras 1).
+        framework: Whose words the messages use (``"lightning"``, ``"keras"``).
+
+    What reaches the console goes through :attr:`console` on the writer (rank zero) only: one
+    warning per group of events, attributed to the user's code, and one line for a halt.
 
     Example:
         >>> w = Watcher(WatchConfig.create(), first_step=1)
@@ -109,9 +113,13 @@ class Watcher:
         (True, False, True)
     """
 
-    def __init__(self, config: WatchConfig, *, first_step: int = 0) -> None:
+    def __init__(
+        self, config: WatchConfig, *, first_step: int = 0, framework: str | None = None
+    ) -> None:
         self.config = config
         self.first_step = first_step
+        self.framework = framework
+        self.console = Console()
         self.sinks: list[Sink] = []
         self.writer = True
         self.log_every = 50 if config.log_every_n_steps is None else config.log_every_n_steps
@@ -121,6 +129,7 @@ class Watcher:
         """A fresh run: a new run id; records, schedule, health rules, check switch as constructed."""
         #: This run's id, in every record (a resumed run gets it back from ``load_state_dict``).
         self.run = new_run_id()
+        self.console.reset()
         self._event_counts: dict[str, int] = {}
         self._warned: set[str] = set()
         self._unchecked: set[str] = set()
@@ -277,6 +286,7 @@ class Watcher:
             self.config.policies,
             report,
             announce=self.writer,
+            console=self.console,
         )
 
     def _first_of_its_reason(self, event: GradientEvent) -> bool:
@@ -327,15 +337,24 @@ class Watcher:
         ):
             return Action()
         period = self.schedule.period if isinstance(self.schedule, FixedSchedule) else None
-        return self.unchecked(step, "no-check", no_check_message(self.steps_seen, period))
+        return self.unchecked(
+            step, "no-check", no_check_message(self.steps_seen, period, self.framework)
+        )
 
     def warn_once(self, key: str, message: str) -> None:
-        """One ``UserWarning`` (and a log line) per ``key`` for what gradwatch had to skip."""
+        """One ``UserWarning`` per ``key`` (rank zero) for what gradwatch had to skip, attributed
+        to the user's code; an INFO log record beside it."""
         if key in self._warned or not self.writer:
             return
         self._warned.add(key)
-        logger.warning(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
+        logger.info(message)
+        user_warn(message, UserWarning)
+
+    def announce_halt(self, step: int, action: Action, *, ended: bool = False) -> None:
+        """The one line of a halt, on the writer, once per run: gradwatch stopped training at
+        ``step``, and why (``action.reason``). ``ended``: training was ending anyway."""
+        if action.halt and self.writer:
+            self.console.halt(step, action.reason, since=action.since, ended=ended)
 
     # -- norms ---------------------------------------------------------------------------------
     def observe_norms(
