@@ -10,7 +10,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -509,8 +508,7 @@ def test_events_are_grouped_by_kind_module_and_param(lightning_run):
 
 def test_group_events_keeps_modules_apart():
     def ev(step, param, module):
-        e = GradientEvent(step, "mismatch", param, 0.5, 1e-3, f"{param} wrong")
-        return types.SimpleNamespace(**vars(e), module=module)
+        return GradientEvent(step, "mismatch", param, 0.5, 1e-3, f"{param} wrong", module=module)
 
     pairs = [
         ("r", ev(0, "a.w", "a")),

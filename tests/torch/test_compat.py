@@ -98,3 +98,20 @@ def test_compiled_code_run_eagerly_compiles_nothing():
     assert calls == []
     fn(torch.ones(2))
     assert calls == [1]
+
+
+def test_unshadow_submodules_gives_a_transformer_layer_its_module_activation_back():
+    import copy
+
+    class Twice(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    layer = nn.TransformerDecoderLayer(8, 2, 16, batch_first=True)
+    layer.activation = Twice()
+    twin = copy.deepcopy(layer)
+    # Still what torch does: __setstate__ hides the module activation behind F.relu.
+    assert not isinstance(twin.activation, nn.Module), "torch fixed __setstate__: drop the helper"
+    assert _compat.unshadow_submodules(layer, twin) == 1
+    assert isinstance(twin.activation, Twice)
+    assert _compat.unshadow_submodules(layer, copy.deepcopy(nn.Linear(2, 2))) == 0
