@@ -11,6 +11,7 @@ Example:
 """
 
 from gradwatch.errors import GradientCheckError, GradientHealthWarning
+from gradwatch.localization import LocalizationReport, ModuleResult
 from gradwatch.report import CheckReport, EntryResult, GradientEvent
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "GradientCheckError",
     "GradientEvent",
     "GradientHealthWarning",
+    "LocalizationReport",
+    "ModuleResult",
     "__version__",
 ]
 

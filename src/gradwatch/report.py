@@ -134,11 +134,15 @@ class GradientEvent:
         value: The measured quantity (relative error, gradient RMS, ...).
         threshold: The threshold it crossed.
         message: One sentence a person can act on.
+        module: For ``mismatch`` and ``disconnected``: the module whose own backward is wrong,
+            when a localization found it (``None`` until localized, and in 0.1 logs).
 
     Example:
         >>> e = GradientEvent(3, "vanishing", "fc1.weight", 1e-9, 1e-7, "fc1.weight vanished")
         >>> e.to_dict()["kind"]
         'vanishing'
+        >>> GradientEvent.from_dict({**e.to_dict(), "module": "fc1"}).module
+        'fc1'
     """
 
     step: int
@@ -147,6 +151,7 @@ class GradientEvent:
     value: float
     threshold: float
     message: str
+    module: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -157,11 +162,13 @@ class GradientEvent:
             "value": json_float(self.value),
             "threshold": json_float(self.threshold),
             "message": self.message,
+            "module": self.module,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GradientEvent:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (0.1 logs, which have no ``module``, read as ``None``)."""
+        module = data.get("module")
         return cls(
             step=int(data["step"]),
             kind=data["kind"],
@@ -169,6 +176,7 @@ class GradientEvent:
             value=float(data["value"]),
             threshold=float(data["threshold"]),
             message=str(data["message"]),
+            module=None if module is None else str(module),
         )
 
     def __str__(self) -> str:

@@ -107,3 +107,20 @@ def test_module_attribute_slots_are_where_a_module_keeps_its_tensors_and_childre
     held = [t for key in slots for t in vars(m[0])[key].values()]
     assert any(t is m[0].weight for t in held) and any(t is m[0].running_mean for t in held)
     assert any(c is m[0] for c in vars(m)["_modules"].values())
+
+
+def test_unshadow_submodules_gives_a_transformer_layer_its_module_activation_back():
+    import copy
+
+    class Twice(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    layer = nn.TransformerDecoderLayer(8, 2, 16, batch_first=True)
+    layer.activation = Twice()
+    twin = copy.deepcopy(layer)
+    # Still what torch does: __setstate__ hides the module activation behind F.relu.
+    assert not isinstance(twin.activation, nn.Module), "torch fixed __setstate__: drop the helper"
+    assert _compat.unshadow_submodules(layer, twin) == 1
+    assert isinstance(twin.activation, Twice)
+    assert _compat.unshadow_submodules(layer, copy.deepcopy(nn.Linear(2, 2))) == 0

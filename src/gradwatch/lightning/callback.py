@@ -31,9 +31,11 @@ from gradwatch.core.policy import Action
 from gradwatch.errors import GradientCheckError
 from gradwatch.lightning import _compat
 from gradwatch.lightning.distributed import agree_action, agree_after_check, agree_calm
+from gradwatch.lightning.localizing import FailureLocalizer, with_events
 from gradwatch.lightning.norms import GradNorms
 from gradwatch.lightning.rerun import NotRerunnable, Rerun, SkipCheck
 from gradwatch.lightning.sinks import LoggersSink
+from gradwatch.localization import LocalizationReport
 from gradwatch.options import (
     DType,
     Mode,
@@ -156,8 +158,14 @@ class GradWatch(WatchRecords, Callback):
         self._stepped = False
         self._t_start = 0.0
         self._state_key: str | None = None
+        self._localizer = FailureLocalizer(self.config.max_overhead)
 
     # -- public records ------------------------------------------------------------------------
+    @property
+    def localizations(self) -> list[LocalizationReport]:
+        """The latest localizations: one per failing check that was localized (at most 16)."""
+        return self._localizer.reports
+
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps the GradScaler skipped (overflowing gradients under ``16-mixed``)."""
@@ -221,6 +229,7 @@ class GradWatch(WatchRecords, Callback):
         self._step_rows, self._rows, self._row_steps, self._row_names = [], [], [], ()
         w.start({n: tuple(p.shape) for n, p in params})
         self._rerun = Rerun(trainer, pl_module, self.config, self.loss_fn)
+        self._localizer = FailureLocalizer(self.config.max_overhead)
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
@@ -390,6 +399,7 @@ class GradWatch(WatchRecords, Callback):
         if w.check_due(step):
             self._check(trainer, batch, batch_idx, step)
         w.record_step(train_seconds)
+        self._localizer.record_step(train_seconds)
 
     def _queue_row(
         self, trainer: Trainer, step: int, names: tuple[str, ...], vector: torch.Tensor
@@ -472,7 +482,18 @@ class GradWatch(WatchRecords, Callback):
             w.agree_next_check(agreed.next_check)
         if agreed.disable:
             action = action.merged(w.disable_checks(step, failure or "on another rank", _FIX))
-        self._act(trainer, action.merged(w.observe_report(report, step, seconds, agreed.events)))
+        events, spent = self._localizer.run(
+            trainer,
+            lambda: self._rerun.localizer().localize(batch),  # type: ignore[union-attr]
+            agreed.events,
+            lambda why: w.warn_once(
+                "localize",
+                f"GradWatch could not localize the failing check at step {step} {why}; its "
+                f"events name tensors only",
+            ),
+        )
+        report = with_events(report, events)
+        self._act(trainer, action.merged(w.observe_report(report, step, seconds + spent, events)))
 
     def _act(self, trainer: Trainer, action: Action, *, ended: bool = False) -> None:
         if action.error is not None:

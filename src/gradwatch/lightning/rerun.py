@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from gradwatch.lightning import _compat
 from gradwatch.options import WatchConfig
 from gradwatch.torch.checker import TorchChecker
+from gradwatch.torch.localize import Localizer
 from gradwatch.torch.reference import module_state_kept
 
 __all__ = ["NotRerunnable", "Rerun", "SkipCheck", "borrowed", "prepare_twin"]
@@ -121,6 +122,7 @@ class Rerun:
         self.loss_fn = loss_fn
         self.batch_idx = 0
         self._checker: TorchChecker | None = None
+        self._localizer: Localizer | None = None
 
     def checker(self) -> TorchChecker:
         """The (cached) checker; its float64 twin is built on first use."""
@@ -136,6 +138,19 @@ class Rerun:
                 model_context=lambda: borrowed(self.module),
             )
         return self._checker
+
+    def localizer(self) -> Localizer:
+        """The (cached) localization, on the checker's float64 twin."""
+        if self._localizer is None:
+            checker = self.checker()
+            self._localizer = Localizer(
+                self.module,
+                checker.loss_fn,
+                seed=self.config.seed,
+                twin=checker.twin() if checker.torch_dtype is torch.float64 else None,
+                prepare=lambda model, twin: prepare_twin(self.trainer, twin),
+            )
+        return self._localizer
 
     def training_step_loss(self, module: nn.Module, batch: Any) -> Any:
         """The loss ``training_step`` returns on ``module`` (the twin)."""

@@ -18,5 +18,6 @@ Example:
 """
 
 from gradwatch.torch.checker import assert_gradients, check_gradients
+from gradwatch.torch.localize import localize
 
-__all__ = ["assert_gradients", "check_gradients"]
+__all__ = ["assert_gradients", "check_gradients", "localize"]

@@ -156,3 +156,21 @@ def copy_tensors(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> No
     """
     if dst:
         torch._foreach_copy_(list(dst), list(src))
+
+
+def unshadow_submodules(original: nn.Module, copy: nn.Module) -> int:
+    """Drop instance attributes of ``copy`` that hide a submodule the original reaches (returns how many).
+
+    ``nn.TransformerEncoderLayer``/``DecoderLayer.__setstate__`` puts ``activation = F.relu`` into
+    the instance ``__dict__`` when the state has no plain ``activation`` attribute, which is the
+    case when the activation is a module (it lives in ``_modules``): a deep copy then computes
+    ReLU, not the model's activation. Read from torch 2.2-2.13 (``nn.Module._modules``; ordinary
+    attribute lookup finds ``__dict__`` before ``nn.Module.__getattr__`` looks in ``_modules``).
+    """
+    dropped = 0
+    for a, b in zip(original.modules(), copy.modules(), strict=False):
+        for name in list(b._modules):
+            if name in vars(b) and name not in vars(a):
+                del vars(b)[name]
+                dropped += 1
+    return dropped

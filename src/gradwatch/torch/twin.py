@@ -124,6 +124,9 @@ class Twin:
                 # A compiled submodule would be recompiled by float64 inputs (and count against
                 # Dynamo's recompile limit): the copy computes through the eager originals.
                 _compat.uncompiled_children(twin)
+                # A submodule hidden by an attribute that __setstate__ made (a Transformer
+                # layer's module activation comes back as F.relu) would be another function.
+                _compat.unshadow_submodules(model, twin)
                 twin.to(device=self.device, dtype=dtype)
                 self.module = twin
         if prepare is not None and not self.in_place:

@@ -1,0 +1,215 @@
+"""Records of a localization: which module's own backward is wrong (:class:`LocalizationReport`).
+
+A localization checks every module call on its own (see ``docs/how-it-works.md``): each module
+gets a verdict, and the culprit is the innermost failing module — a failing module none of whose
+checked descendants fails (a parent whose children all pass is itself the culprit: the bug is in
+code of its own). Plain Python values only, like :mod:`gradwatch.report`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from gradwatch.report import GradientEvent, Verdict, json_float
+
+__all__ = ["ROOT", "LocalizationReport", "ModuleResult", "culprits", "is_inside", "module_verdict"]
+
+#: The name a localization gives the model itself (``named_modules`` calls it ``""``).
+ROOT = "<model>"
+
+
+@dataclass(frozen=True)
+class ModuleResult:
+    """The local check of one module, over every call of it that was checked.
+
+    Attributes:
+        name: The module's name in the model (``decoder.layers.1.activation``; the model itself
+            is ``"<model>"``).
+        type: Its class name.
+        verdict: ``pass``, ``fail`` or ``inconclusive`` (fail if any call failed; pass if a call
+            passed and none failed).
+        max_rel_error: Worst conclusive relative error over its calls (``None`` if none was).
+        calls: How many calls of it were checked (weight sharing: one per call).
+        detail: What is wrong, when it failed (``its input gradient is off by 10%``).
+    """
+
+    name: str
+    type: str
+    verdict: Verdict
+    max_rel_error: float | None
+    calls: int
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return {
+            "name": self.name,
+            "type": self.type,
+            "verdict": self.verdict,
+            "max_rel_error": json_float(self.max_rel_error),
+            "calls": self.calls,
+            "detail": self.detail,
+        }
+
+
+def is_inside(inner: str, outer: str) -> bool:
+    """Whether module ``inner`` lies strictly inside module ``outer``.
+
+    Example:
+        >>> is_inside("enc.layers.1", "enc"), is_inside("enc2", "enc"), is_inside("enc", ROOT)
+        (True, False, True)
+    """
+    if inner == outer:
+        return False
+    return outer == ROOT or inner.startswith(outer + ".")
+
+
+def culprits(
+    results: Sequence[ModuleResult], inside: Mapping[str, Collection[str]] | None = None
+) -> tuple[str, ...]:
+    """Failing modules with no failing module inside them, in model order.
+
+    ``inside`` maps a module's name to the names of the modules it contains (a module shared
+    by two parents has one name, and lies inside both); by default containment is read from the
+    dotted names.
+
+    Example:
+        >>> r = [ModuleResult("<model>", "Net", "fail", 0.1, 1),
+        ...      ModuleResult("block", "Block", "fail", 0.1, 1),
+        ...      ModuleResult("block.act", "Act", "fail", 0.1, 1),
+        ...      ModuleResult("head", "Linear", "pass", 1e-9, 1)]
+        >>> culprits(r)
+        ('block.act',)
+    """
+    failing = [r.name for r in results if r.verdict == "fail"]
+
+    def contains(outer: str, inner: str) -> bool:
+        if inside is None:
+            return is_inside(inner, outer)
+        return inner != outer and inner in inside.get(outer, ())
+
+    return tuple(n for n in failing if not any(contains(n, m) for m in failing))
+
+
+def module_verdict(verdicts: Sequence[Verdict]) -> Verdict:
+    """A module's verdict from its calls' verdicts.
+
+    Example:
+        >>> module_verdict(["pass", "fail"]), module_verdict(["pass", "inconclusive"])
+        ('fail', 'pass')
+    """
+    if "fail" in verdicts:
+        return "fail"
+    return "pass" if "pass" in verdicts else "inconclusive"
+
+
+@dataclass(frozen=True)
+class LocalizationReport:
+    """Which module's own backward is wrong.
+
+    Attributes:
+        culprit: The first innermost failing module in model order (``None`` when every checked
+            module agrees with finite differences).
+        culprits: Every innermost failing module (two bugs, two names).
+        modules: Per-module results, in model order.
+        skipped: ``(name, reason)`` for each module that could not be checked.
+        evaluations: Module evaluations used (forward passes of single modules, not of the model).
+        seconds: Wall-clock time.
+        notes: Remarks a person should read.
+
+    Example:
+        >>> r = LocalizationReport(
+        ...     culprit="act", culprits=("act",),
+        ...     modules=(ModuleResult("act", "MyGELU", "fail", 0.1, 1, "its input gradient is off by 10%"),),
+        ...     skipped=(), evaluations=3, seconds=0.01)
+        >>> print(r)   # doctest: +NORMALIZE_WHITESPACE
+        localization: the backward of act (MyGELU) is wrong: its input gradient is off by 10%
+          module  type    verdict  max rel err  calls
+          act     MyGELU  FAIL     0.1          1  <- culprit
+        >>> r.to_dict()["culprit"]
+        'act'
+    """
+
+    culprit: str | None
+    culprits: tuple[str, ...]
+    modules: tuple[ModuleResult, ...]
+    skipped: tuple[tuple[str, str], ...]
+    evaluations: int = 0
+    seconds: float = 0.0
+    notes: tuple[str, ...] = field(default=())
+
+    def result(self, name: str) -> ModuleResult | None:
+        """The result of the module called ``name`` (``None`` if it was not checked)."""
+        return next((m for m in self.modules if m.name == name), None)
+
+    @property
+    def summary(self) -> str:
+        """One sentence: the culprit and what is wrong with it, or that every module agrees."""
+        found = self.result(self.culprit) if self.culprit is not None else None
+        if found is None:
+            if any(m.verdict == "fail" for m in self.modules):
+                return "no single module is the culprit"
+            return f"every checked module's backward agrees with finite differences ({len(self.modules)} modules)"
+        text = f"the backward of {found.name} ({found.type}) is wrong"
+        text += f": {found.detail}" if found.detail else ""
+        others = [c for c in self.culprits if c != found.name]
+        return text + (f" (also: {', '.join(others)})" if others else "")
+
+    def annotate(self, events: Sequence[GradientEvent]) -> list[GradientEvent]:
+        """``mismatch``/``disconnected`` events with the culprit as their ``module``, named first
+        in their message (other events, and all of them when there is no culprit, unchanged).
+
+        Example:
+            >>> r = LocalizationReport("act", ("act",), (ModuleResult("act", "MyGELU", "fail",
+            ...     0.1, 1, "its input gradient is off by 10%"),), ())
+            >>> e = GradientEvent(0, "mismatch", "fc.weight", 0.1, 1e-3, "fc.weight is off")
+            >>> [(x.module, x.message) for x in r.annotate([e])]   # doctest: +NORMALIZE_WHITESPACE
+            [('act', 'the backward of act (MyGELU) is wrong: its input gradient is off by 10%;
+              fc.weight is off')]
+        """
+        found = self.result(self.culprit) if self.culprit is not None else None
+        if found is None:
+            return list(events)
+        lead = f"the backward of {found.name} ({found.type}) is wrong"
+        lead += f": {found.detail}" if found.detail else ""
+        return [
+            replace(e, module=found.name, message=f"{lead}; {e.message}")
+            if e.kind in ("mismatch", "disconnected")
+            else e
+            for e in events
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return {
+            "culprit": self.culprit,
+            "culprits": list(self.culprits),
+            "modules": [m.to_dict() for m in self.modules],
+            "skipped": [list(s) for s in self.skipped],
+            "evaluations": self.evaluations,
+            "seconds": self.seconds,
+            "notes": list(self.notes),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"localization: {self.summary}"]
+        if self.modules:
+            depth = {m.name: (0 if m.name == ROOT else m.name.count(".") + 1) for m in self.modules}
+            names = [("  " * depth[m.name]) + m.name for m in self.modules]
+            width = max(len("module"), *(len(n) for n in names))
+            twidth = max(len("type"), *(len(m.type) for m in self.modules))
+            lines.append(f"  {'module':<{width}}  {'type':<{twidth}}  verdict  max rel err  calls")
+            for shown, m in zip(names, self.modules, strict=True):
+                err = "-" if m.max_rel_error is None else f"{m.max_rel_error:.3g}"
+                mark = "  <- culprit" if m.name in self.culprits else ""
+                lines.append(
+                    f"  {shown:<{width}}  {m.type:<{twidth}}  {m.verdict.upper():<7}  "
+                    f"{err:<11}  {m.calls}{mark}"
+                )
+        for name, reason in self.skipped:
+            lines.append(f"  skipped {name}: {reason}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        return "\n".join(lines)
