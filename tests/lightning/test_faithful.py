@@ -52,7 +52,11 @@ def fit(module, cb, data, **kw):
 
 
 @pytest.mark.filterwarnings("ignore::gradwatch.GradientHealthWarning")
-def test_a_decoder_whose_copy_lost_its_buggy_activation_is_caught_in_fit():
+def test_a_decoder_whose_copy_lost_its_buggy_activation_is_caught_in_fit(monkeypatch):
+    # As in tests/torch/test_faithful.py: without the twin's repair, the model itself is evaluated.
+    from gradwatch.torch import _compat
+
+    monkeypatch.setattr(_compat, "unshadow_submodules", lambda original, copy: 0)
     torch.manual_seed(0)
     cb = GradWatch(check_every_n_steps=2)
     module = Regressor(Decoder(ScaledReLU(0.9)))

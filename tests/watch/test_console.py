@@ -39,7 +39,7 @@ def test_a_planted_bug_is_printed_once_and_then_still_failing():
     err = done.stderr
     # The bug's text, once: not a log record beside the warning, not again at each check.
     assert err.count("finite differences give") == 1, err
-    assert err.count("gradwatch: step 0: mismatch in net.0.weight: autodiff gives") == 1, err
+    assert err.count("gradwatch: step 0: mismatch in net.0.weight:") == 1, err
     assert err.count("gradwatch: still failing at step 2: mismatch in net.0.weight") == 1, err
     assert err.count("gradwatch: still failing at step 4: mismatch in net.0.weight") == 1, err
     # Attributed to the user's fit line, not to a file inside gradwatch or Lightning.
