@@ -473,7 +473,7 @@ def bench_keras(repeats: int, steps: int) -> None:
             loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=True), training=True)
         return [tf.norm(g) for g in tape.gradient(loss, second_tape_vars)]
 
-    p = _Problem(compiled, x, y, None, list(range(len(compiled.names))), 0)
+    p = _Problem(compiled, (x, y, None), 0)
     vals = [keras.ops.convert_to_tensor(a) for a in p._values]
 
     def forwards():

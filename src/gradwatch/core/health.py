@@ -281,11 +281,16 @@ class HealthMonitor:
             w = self._weight_rms
             cols = self._is_weight & ~exempt & np.isfinite(w)
             if cols.any():
-                ratio = block[:, cols] / w[cols]
-                ratio = np.where(np.isfinite(ratio), ratio, np.nan)
-                with np.errstate(all="ignore"), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row
-                    median = np.nanmedian(ratio, axis=1)
+                with np.errstate(all="ignore"):
+                    ratio = block[:, cols] / w[cols]
+                finite = np.isfinite(ratio)
+                if finite.all():  # the every-block path: a plain median, no warning machinery
+                    median = np.median(ratio, axis=1)
+                else:
+                    ratio = np.where(finite, ratio, np.nan)
+                    with np.errstate(all="ignore"), warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row
+                        median = np.nanmedian(ratio, axis=1)
                 relative = th.vanish_factor * median[:, None] * w[cols][None, :]
                 limits[:, cols] = np.fmax(limits[:, cols], relative)
         elif self._ref_index >= 0:

@@ -38,6 +38,9 @@ from gradwatch.watch.watcher import Watcher, WatchRecords
 
 __all__ = ["GradWatch"]
 
+#: Norm blocks between two reads of the weights' norms (the relative vanishing rule's scale).
+_WEIGHT_EVERY = 8
+
 
 class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
     """Gradient checks and gradient-health monitoring for ``model.fit``.
@@ -114,6 +117,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self._probe: tuple[Any, Any, Any] | None = None
         self._step = 0
         self._epoch_base = 0
+        self._blocks_read = 0
         self._t_start = 0.0
         self._last_norm: float | None = None
         self._last_error: float | None = None
@@ -176,6 +180,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             explode=self.config.explode_threshold if policies["on_explode"] in stops else None,
         )
         self._epoch_base = self._step
+        self._blocks_read = 0
         if w.checks_on and self.loss_fn is None:
             self._act(self._judge_train_step(model))
 
@@ -306,7 +311,9 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         keep = [i for i, s in enumerate(steps) if w.observes(s) or (loud and loud[i])]
         if not keep or not self._taps.names:
             return action
-        self._observe_weights()
+        if self._blocks_read % _WEIGHT_EVERY == 0:
+            self._observe_weights()
+        self._blocks_read += 1
         _, rows = w.observe_norm_rows([steps[i] for i in keep], self._taps.names, values[keep])
         self._last_norm = float(np.sqrt(np.sum(values[keep[-1]] ** 2)))
         if self._taps.no_skip:
@@ -319,7 +326,9 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         return action.merged(rows)
 
     def _observe_weights(self) -> None:
-        """The weights' norms for the relative vanishing rule: once per block, from the host."""
+        """The weights' norms for the relative vanishing rule, from the host: at the first block
+        and every :data:`_WEIGHT_EVERY` blocks after (weights move slowly; one read of all the
+        variables costs about a millisecond on a small model)."""
         variables = [v for v in self.model.trainable_variables if v.path in self._taps.shapes]
         norms = variable_norms(variables)
         self._watcher.observe_weight_norms(

@@ -101,6 +101,7 @@ class Taps:
         self._due_var: Any = None
         self._skipped: Any = None  # TF: whether this step's update was skipped
         self._ours: Any = None  # TF: skipped by the guard (not by a LossScaleOptimizer)
+        self._tracking = False  # TF, at trace time: the train step tracks skips
         self._slots: list[Any] = []  # XLA capture: one padded variable per input leaf
         self._rows_var: Any = None
         self._structure: Any = None
@@ -221,7 +222,7 @@ class Taps:
             )
             calm = taps.record_norms(grads, variables)
             if calm is None:
-                if tensorflow and taps._skipped is not None:
+                if tensorflow and taps._tracking:
                     taps._skipped.assign(False)  # reached: the LossScaleOptimizer applies it
                 return original(grads, trainable_variables, *args, **kwargs)
             if not tensorflow:
@@ -239,7 +240,7 @@ class Taps:
                 return tf.constant(True)
 
             applied = tf.cond(calm, step_, lambda: tf.constant(False))
-            if taps._skipped is not None:
+            if taps._tracking:
                 taps._skipped.assign(tf.logical_not(applied))
                 taps._ours.assign(tf.logical_not(applied))
             return None
@@ -384,7 +385,9 @@ class Taps:
         original = model.train_step
         taps = self
         tensorflow = keras.backend.backend() == "tensorflow"
-        track = (self._guard or self.lso) and self._skip_total is not None
+        tensorflow_ring = self._skip_total is not None
+        lso = self.lso and tensorflow_ring  # count the scaler's skips (and undo spoiled state)
+        track = lso or (self._guard and tensorflow_ring)
         if tensorflow:
             import tensorflow as tf
 
@@ -400,39 +403,40 @@ class Taps:
                     keep = taps._xla_keep(data, flat) if taps._jit else taps._py_keep(data, flat)
                     if keep is not None:
                         tf.cond(taps._due_var, keep, lambda: tf.constant(0))
-                if not track:
+                # What a skipped update must not leave behind: the non-trainable float state
+                # (read at trace time: a model built during fit has it by now).
+                state = [v for v in model.non_trainable_variables if "float" in str(v.dtype)]
+                taps._tracking = track and (lso or bool(state))
+                if not taps._tracking:
                     return original(data)
                 # A LossScaleOptimizer that skips never reaches the wrapped apply: skipped
                 # unless apply says otherwise.
-                taps._skipped.assign(taps.lso)
+                taps._skipped.assign(lso)
                 taps._ours.assign(False)
-                state = list(model.non_trainable_variables)
                 before = [tf.identity(v.value) for v in state]
                 logs = original(data)
-                skipped = tf.identity(taps._skipped)
-                taps._skip_total.assign_add(tf.cast(skipped, tf.int64))
-                taps._skip_run.assign(
-                    tf.where(skipped, taps._skip_run + 1, tf.constant(0, tf.int64))
-                )
-                if state:
-                    spoiled = tf.logical_not(
-                        tf.reduce_all(
-                            [
-                                tf.reduce_all(tf.math.is_finite(v.value))
-                                for v in state
-                                if tf.as_dtype(v.dtype).is_floating
-                            ]
-                            or [tf.constant(True)]
-                        )
+                put_back = tf.identity(taps._ours)
+                if lso:
+                    skipped = tf.identity(taps._skipped)
+                    taps._skip_total.assign_add(tf.cast(skipped, tf.int64))
+                    taps._skip_run.assign(
+                        tf.where(skipped, taps._skip_run + 1, tf.constant(0, tf.int64))
                     )
-                    put_back = tf.logical_or(taps._ours, tf.logical_and(skipped, spoiled))
+                    if state:
+                        spoiled = tf.logical_not(
+                            tf.reduce_all(
+                                [tf.reduce_all(tf.math.is_finite(v.value)) for v in state]
+                            )
+                        )
+                        put_back = tf.logical_or(put_back, tf.logical_and(skipped, spoiled))
+                if state:
 
-                    def restore() -> Any:
+                    def put_state_back() -> Any:
                         for v, value in zip(state, before, strict=True):
                             v.assign(value)
                         return tf.constant(0)
 
-                    tf.cond(put_back, restore, lambda: tf.constant(0))
+                    tf.cond(put_back, put_state_back, lambda: tf.constant(0))
                 return logs
         else:
 

@@ -393,8 +393,6 @@ class GradWatch(WatchRecords, Callback):
             names = tuple(n for row_names, _ in rows for n in row_names)
             device = rows[0][1].device
             vector = torch.cat([v.to(device) for _, v in rows]) if len(rows) > 1 else rows[0][1]
-            metrics = _compat.callback_metrics(trainer)
-            metrics[tags.GLOBAL_NORM_TAG] = torch.linalg.vector_norm(vector)
             self._queue_row(trainer, step, names, vector)
         if w.check_due(step):
             self._check(trainer, batch, batch_idx, step)
@@ -420,6 +418,10 @@ class GradWatch(WatchRecords, Callback):
         rows, self._rows = self._rows, []
         steps, self._row_steps = self._row_steps, []
         host = self._to_host(rows)
+        # The latest global norm for EarlyStopping/ModelCheckpoint monitors: up to a block old
+        # within an epoch, exact at its end (the block is read in on_train_epoch_end).
+        metrics = _compat.callback_metrics(trainer)
+        metrics[tags.GLOBAL_NORM_TAG] = torch.tensor(float(np.sqrt(np.nansum(host[-1] ** 2))))
         _, action = self._watcher.observe_norm_rows(steps, self._row_names, host)
         return agree_action(trainer, action) if self._agree else action
 
@@ -504,6 +506,9 @@ class GradWatch(WatchRecords, Callback):
             # One line, rank zero, once: gradwatch stopped training, at which step, and why.
             step = _compat.optimizer_step(trainer) - (1 if ended else 0)
             self._watcher.announce_halt(max(0, step), action, ended=ended)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._act(trainer, self._read_rows(trainer))  # the epoch's last steps, before monitors
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         try:
