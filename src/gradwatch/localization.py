@@ -38,17 +38,17 @@ def slot_phrase(slot: str) -> str:
     """How a message names a local check slot's gradient.
 
     Example:
-        >>> slot_phrase("input"), slot_phrase("input[1]"), slot_phrase("weight")
-        ('input gradient', 'gradient of input 1', 'weight gradient')
+        >>> slot_phrase("input"), slot_phrase("input[1]"), slot_phrase("<sublayer weights>")
+        ('input gradient', 'gradient of input 1', "sublayers' weight gradient")
     """
     if slot == "input":
         return "input gradient"
     if slot.startswith("input["):
         return f"gradient of input {slot[6:-1]}"
     if slot == INNER_SLOTS[0]:
-        return "gradient of its submodules' parameters"
+        return "submodules' parameter gradient"
     if slot == INNER_SLOTS[1]:
-        return "gradient of its sublayers' weights"
+        return "sublayers' weight gradient"
     return f"{slot} gradient"
 
 

@@ -13,7 +13,7 @@ pytest.importorskip("tensorflow")
 import gradwatch
 from gradwatch.keras import GradWatch, localize
 from gradwatch.keras.localize import layer_tree
-from tests.helpers.keras_bugs_tf import functional_bug, subclassed_bug
+from tests.helpers.keras_bugs_tf import buggy, functional_bug, subclassed_bug, unclonable
 from tests.helpers.keras_models import data
 
 pytestmark = pytest.mark.skipif(
@@ -53,6 +53,21 @@ def test_a_subclassed_models_nested_buggy_layer_is_the_culprit():
     # the block and the model fail too, but only because they contain the culprit
     assert report.result("block").verdict == "fail"
     assert report.result("<model>").verdict == "fail"
+
+
+def test_a_layer_that_cuts_its_kernel_out_of_the_graph_is_the_culprit():
+    keras.utils.set_random_seed(1)
+    model, _, _ = buggy("stop_gradient")
+    report = localize(model, *_batch())
+    assert report.culprits == ("cut",), str(report)
+    assert report.result("cut").detail.startswith("its kernel gradient is missing")
+
+
+def test_a_bug_in_a_subclassed_models_own_call_makes_the_model_the_culprit():
+    keras.utils.set_random_seed(1)
+    report = localize(unclonable("subclassed", 0.9), *_batch())
+    assert report.culprits == ("<model>",), str(report)
+    assert "sublayers' weight gradient is off" in report.summary
 
 
 @pytest.mark.parametrize("make", [lambda: functional_bug(None), lambda: subclassed_bug(1.0)])
