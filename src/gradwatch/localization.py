@@ -12,12 +12,95 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gradwatch.report import GradientEvent, Verdict, json_float
+from gradwatch.report import CheckReport, EntryResult, GradientEvent, Verdict, json_float
 
-__all__ = ["ROOT", "LocalizationReport", "ModuleResult", "culprits", "is_inside", "module_verdict"]
+__all__ = [
+    "INNER_SLOTS",
+    "ROOT",
+    "LocalizationReport",
+    "ModuleResult",
+    "culprits",
+    "failure_detail",
+    "is_inside",
+    "module_result",
+    "module_verdict",
+    "slot_phrase",
+]
 
 #: The name a localization gives the model itself (``named_modules`` calls it ``""``).
 ROOT = "<model>"
+
+#: Slot names holding the parameters of a module's submodules (torch, Keras).
+INNER_SLOTS = ("<submodule parameters>", "<sublayer weights>")
+
+
+def slot_phrase(slot: str) -> str:
+    """How a message names a local check slot's gradient.
+
+    Example:
+        >>> slot_phrase("input"), slot_phrase("input[1]"), slot_phrase("<sublayer weights>")
+        ('input gradient', 'gradient of input 1', "sublayers' weight gradient")
+    """
+    if slot == "input":
+        return "input gradient"
+    if slot.startswith("input["):
+        return f"gradient of input {slot[6:-1]}"
+    if slot == INNER_SLOTS[0]:
+        return "submodules' parameter gradient"
+    if slot == INNER_SLOTS[1]:
+        return "sublayers' weight gradient"
+    return f"{slot} gradient"
+
+
+def failure_detail(failed: Sequence[EntryResult]) -> str:
+    """``its input gradient is off by 10%`` from a module's failing entries (worst per slot).
+
+    Example:
+        >>> e = EntryResult("input", None, 0.9, 1.0, 0.1, "mismatch")
+        >>> failure_detail([e])
+        'its input gradient is off by 10%'
+    """
+    worst: dict[str, EntryResult] = {}
+    for e in failed:
+        if e.param not in worst or (e.rel_error or 0) > (worst[e.param].rel_error or 0):
+            worst[e.param] = e
+    parts = []
+    for slot, e in worst.items():
+        phrase = slot_phrase(slot)
+        if e.status == "disconnected" or e.analytic == 0.0:
+            parts.append(
+                f"its {phrase} is missing (autodiff gives none; finite differences {e.numeric:.3g})"
+            )
+        elif e.numeric == 0.0 or e.analytic / e.numeric < 0:
+            parts.append(
+                f"its {phrase} has the wrong sign or direction (autodiff {e.analytic:.3g}, "
+                f"finite differences {e.numeric:.3g})"
+            )
+        else:
+            parts.append(f"its {phrase} is off by {abs(e.analytic / e.numeric - 1):.0%}")
+    return "; ".join(parts)
+
+
+def module_result(name: str, type_name: str, reports: Sequence[CheckReport]) -> ModuleResult:
+    """One module's result from the reports of its checked calls.
+
+    Example:
+        >>> from gradwatch.report import CheckReport
+        >>> r = CheckReport(None, "pass", 1e-9, (), (), "directional", "float64", 1e-5, 3, 0.0)
+        >>> module_result("head", "Dense", [r]).verdict
+        'pass'
+    """
+    verdicts: list[Verdict] = [r.verdict for r in reports]
+    errors = [r.max_rel_error for r in reports if r.max_rel_error is not None]
+    failed = [e for r in reports for e in r.failed]
+    return ModuleResult(
+        name=name,
+        type=type_name,
+        verdict=module_verdict(verdicts),
+        max_rel_error=max(errors) if errors else None,
+        calls=len(reports),
+        detail=failure_detail(failed),
+    )
 
 
 @dataclass(frozen=True)
@@ -149,6 +232,9 @@ class LocalizationReport:
         """One sentence: the culprit and what is wrong with it, or that every module agrees."""
         found = self.result(self.culprit) if self.culprit is not None else None
         if found is None:
+            if not self.modules:
+                why = f" ({self.skipped[0][1]})" if self.skipped else ""
+                return f"no module could be checked{why}"
             if any(m.verdict == "fail" for m in self.modules):
                 return "no single module is the culprit"
             return f"every checked module's backward agrees with finite differences ({len(self.modules)} modules)"

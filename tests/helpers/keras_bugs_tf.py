@@ -156,3 +156,86 @@ def unclonable(kind, scale=None):
         }[kind]
     model = keras.Sequential([keras.Input((12,)), *layers, keras.layers.Dense(4, name="head")])
     return compiled(model, loss=loss)
+
+
+# -- localization (issue 13): one planted backward bug per model, in a custom layer -----------------
+
+
+def sample_norm(drop_term):
+    """Per-sample normalisation over the last axis with a hand-written backward; ``drop_term``
+    forgets the ``- x̂ · mean(g · x̂)`` term of the input gradient."""
+
+    @tf.custom_gradient
+    def fn(x):
+        mean = tf.reduce_mean(x, -1, keepdims=True)
+        var = tf.reduce_mean(tf.square(x - mean), -1, keepdims=True)
+        inv = tf.math.rsqrt(var + 1e-5)
+        xhat = (x - mean) * inv
+
+        def grad(g):
+            dx = g - tf.reduce_mean(g, -1, keepdims=True)
+            if not drop_term:
+                dx = dx - xhat * tf.reduce_mean(g * xhat, -1, keepdims=True)
+            return dx * inv
+
+        return xhat, grad
+
+    return fn
+
+
+class SampleNorm(keras.layers.Layer):
+    """A normalisation layer with its own scale and shift; its backward may drop a term."""
+
+    def __init__(self, drop_term=False, **kwargs):
+        super().__init__(**kwargs)
+        self.drop_term = drop_term
+
+    def build(self, shape):
+        self.gamma = self.add_weight(shape=(shape[-1],), initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=(shape[-1],), initializer="zeros", name="beta")
+
+    def call(self, x):
+        return sample_norm(self.drop_term)(x) * self.gamma + self.beta
+
+
+def functional_bug(kind=None):
+    """``first`` → ``act`` (ScaledGrad, ×0.9 backward when ``kind == "scaled"``) → ``norm``
+    (SampleNorm, dropped term when ``kind == "norm"``) → dropout → ``head``."""
+    inp = keras.Input((12,))
+    h = keras.layers.Dense(16, name="first")(inp)
+    h = ScaledGrad(0.9 if kind == "scaled" else 1.0, name="act")(h)
+    h = keras.layers.Activation("tanh", name="tanh")(h)
+    h = SampleNorm(drop_term=kind == "norm", name="norm")(h)
+    h = keras.layers.Dropout(0.2, name="drop")(h)
+    return compiled(keras.Model(inp, keras.layers.Dense(4, name="head")(h)))
+
+
+class Block(keras.layers.Layer):
+    """Dense → ScaledGrad: a nested custom layer."""
+
+    def __init__(self, scale, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(16, name="dense")
+        self.act = ScaledGrad(scale, name="act")
+
+    def call(self, x):
+        return keras.ops.tanh(self.act(self.dense(x)))
+
+
+class SubclassedBug(keras.Model):
+    """A subclassed model whose nested ``block.act`` has a ×``scale`` backward."""
+
+    def __init__(self, scale=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.block = Block(scale, name="block")
+        self.drop = keras.layers.Dropout(0.1, name="drop")
+        self.head = keras.layers.Dense(4, name="head")
+
+    def call(self, x, training=False):
+        return self.head(self.drop(self.block(x), training=training))
+
+
+def subclassed_bug(scale=1.0):
+    model = SubclassedBug(scale)
+    model(tf.zeros((2, 12)))
+    return compiled(model)

@@ -10,6 +10,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch.torch import localize
+from gradwatch.torch.localize import float64_bytes
 from tests.helpers.localize_models import (
     CNN_CULPRITS,
     TRANSFORMER_CULPRIT,
@@ -113,12 +114,38 @@ def test_a_module_never_called_is_reported_as_skipped():
     assert [name for name, _ in report.skipped] == ["unused"]
 
 
-def test_max_check_memory_is_validated_and_noted():
-    torch.manual_seed(1)
+def test_max_check_memory_is_validated():
     with pytest.raises(ValueError, match="max_check_memory"):
         localize(LocCNN(), cnn_batch(), cnn_loss, max_check_memory=0)
-    report = localize(LocCNN(), cnn_batch(), cnn_loss, max_check_memory=64)
-    assert any("module-by-module" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("bug", ["activation", "norm", None])
+def test_a_model_over_max_check_memory_is_checked_module_by_module(bug):
+    torch.manual_seed(1)
+    model = LocCNN(bug)
+    whole = float64_bytes(model)
+    limit = float64_bytes(model.block1) + 8  # block1 fits alone; block2, head, the model do not
+    assert whole > limit
+    report = localize(model, cnn_batch(), cnn_loss, max_check_memory=limit)
+    assert any("checked module by module" in n for n in report.notes), str(report)
+    too_large = {name for name, why in report.skipped if why.startswith("too large to check alone")}
+    assert too_large == {"<model>", "block2", "block2.conv", "head"}, str(report)
+    assert report.result("block2.act").verdict == ("fail" if bug == "activation" else "pass")
+    expected = {"activation": ("block2.act",), "norm": ("block1.norm",), None: ()}[bug]
+    assert report.culprits == expected, str(report)
+    assert all(p.dtype is torch.float32 for p in model.parameters())
+
+
+def test_module_by_module_leaves_the_model_as_it_was():
+    torch.manual_seed(1)
+    model = LocCNN("norm")
+    batch = cnn_batch()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    localize(model, batch, cnn_loss, max_check_memory=float64_bytes(model.block1) + 8)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_the_demo_transformer_activation_bug_is_localized():

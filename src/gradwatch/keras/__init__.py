@@ -1,4 +1,5 @@
-"""Keras 3 adapter: ``check_gradients`` / ``assert_gradients`` and the ``GradWatch`` callback.
+"""Keras 3 adapter: ``check_gradients`` / ``assert_gradients``, ``localize`` and the ``GradWatch``
+callback.
 
 Example:
     >>> import numpy as np, keras
@@ -17,5 +18,6 @@ except ModuleNotFoundError as _exc:
 
 from gradwatch.keras.callback import GradWatch
 from gradwatch.keras.checker import assert_gradients, check_gradients
+from gradwatch.keras.localize import localize
 
-__all__ = ["GradWatch", "assert_gradients", "check_gradients"]
+__all__ = ["GradWatch", "assert_gradients", "check_gradients", "localize"]

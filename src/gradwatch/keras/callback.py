@@ -25,7 +25,9 @@ from gradwatch.keras.checker import (
     check_probe_shapes,
     probe_batch,
 )
+from gradwatch.keras.localize import KerasLocalizer
 from gradwatch.keras.taps import Taps
+from gradwatch.localization import LocalizationReport
 from gradwatch.options import (
     DType,
     Mode,
@@ -35,6 +37,8 @@ from gradwatch.options import (
     check_selection,
     compile_patterns,
 )
+from gradwatch.report import CheckReport
+from gradwatch.watch.localizing import FailureLocalizer, with_events
 from gradwatch.watch.sinks import Sink, TensorBoardSink, require_tensorboard
 from gradwatch.watch.watcher import Watcher, WatchRecords
 
@@ -116,6 +120,8 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self._watcher = Watcher(self.config, first_step=1, framework="keras")
         self._taps = Taps()
         self._checker: KerasChecker | None = None
+        self._localizer: KerasLocalizer | None = None
+        self._failures = FailureLocalizer(self.config.max_overhead)
         self._probe: tuple[Any, Any, Any] | None = None
         self._step = 0
         self._epoch_base = 0
@@ -125,6 +131,17 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self._last_norm: float | None = None
         self._last_error: float | None = None
         self._selection_pending = False
+
+    @property
+    def localizations(self) -> list[LocalizationReport]:
+        """The latest localizations: one per failing check that was localized (at most 16).
+
+        When a check fails, the layer whose own backward is wrong is looked for on the same batch
+        (:func:`gradwatch.keras.localize`; TensorFlow backend): the first failing check always,
+        later ones while localizing stays within ``max_overhead``. The culprit is named in the
+        check's ``mismatch``/``disconnected`` events (``module`` and the message).
+        """
+        return self._failures.reports
 
     @property
     def skipped_steps(self) -> int:
@@ -151,6 +168,8 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self._step = int(to_numpy(model.optimizer.iterations))
         self._last_norm = self._last_error = None
         self._checker = None
+        self._localizer = None
+        self._failures = FailureLocalizer(self.config.max_overhead)
         sinks: list[Sink] = [TensorBoardSink(f"{self.log_dir}/gradwatch")] if self.log_dir else []
         w.open(sinks, log_every=50)
         w.start({v.path: tuple(v.shape) for v in model.trainable_variables})
@@ -277,6 +296,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         if self._taps.due_now and self._watcher.checks_on:
             action = action.merged(self._check(step))
         self._watcher.record_step(train_seconds)
+        self._failures.record_step(train_seconds)
         self._fill_logs(logs)
         self._act(action)
 
@@ -389,6 +409,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         batch = tuple(batch) if isinstance(batch, list) else batch
         x, y, sw = keras.utils.unpack_x_y_sample_weight(batch)
         report = None
+        live = False
         try:
             model = self.model  # on JAX, Callback.model syncs the variables out of the jitted state
             if self._checker is None or self._checker.model is not model:
@@ -415,7 +436,30 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             return action.merged(w.observe_report(None, step, time.perf_counter() - started))
         if report is not None:
             self._last_error = report.max_rel_error
+            report = self._localize_failure(report, step, x, y, sw, batch if live else None)
         return w.observe_report(report, step, time.perf_counter() - started)
+
+    def _localize_failure(
+        self, report: CheckReport, step: int, x: Any, y: Any, sw: Any, data: Any
+    ) -> CheckReport:
+        """The report with the culprit named in its failing events, when due and found."""
+
+        def run() -> LocalizationReport:
+            model = self.model
+            if self._localizer is None or self._localizer.model is not model:
+                self._localizer = KerasLocalizer(model, loss_fn=self.loss_fn, seed=self.config.seed)
+            return self._localizer.localize(x, y, sw, data=data)
+
+        events, _ = self._failures.run(
+            run,
+            list(report.events),
+            lambda why: self._watcher.warn_once(
+                "localize",
+                f"GradWatch could not localize the failing check at step {step} {why}; its "
+                f"events name variables only",
+            ),
+        )
+        return with_events(report, events) or report
 
 
 def _train_step_owner(model: Any) -> str | None:

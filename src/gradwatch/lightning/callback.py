@@ -31,7 +31,7 @@ from gradwatch.core.policy import Action
 from gradwatch.errors import GradientCheckError
 from gradwatch.lightning import _compat
 from gradwatch.lightning.distributed import agree_action, agree_after_check, agree_calm
-from gradwatch.lightning.localizing import FailureLocalizer, with_events
+from gradwatch.lightning.localizing import FailureLocalizer, rank_zero_decides, with_events
 from gradwatch.lightning.norms import GradNorms
 from gradwatch.lightning.rerun import NotRerunnable, Rerun, SkipCheck
 from gradwatch.lightning.sinks import LoggersSink
@@ -485,7 +485,6 @@ class GradWatch(WatchRecords, Callback):
         if agreed.disable:
             action = action.merged(w.disable_checks(step, failure or "on another rank", _FIX))
         events, spent = self._localizer.run(
-            trainer,
             lambda: self._rerun.localizer().localize(batch),  # type: ignore[union-attr]
             agreed.events,
             lambda why: w.warn_once(
@@ -493,6 +492,7 @@ class GradWatch(WatchRecords, Callback):
                 f"GradWatch could not localize the failing check at step {step} {why}; its "
                 f"events name tensors only",
             ),
+            agree=rank_zero_decides(trainer),
         )
         report = with_events(report, events)
         self._act(trainer, action.merged(w.observe_report(report, step, seconds + spent, events)))

@@ -1,85 +1,21 @@
-"""When a check fails in a Lightning run: which module's backward is wrong (on the same batch).
-
-The first failing check always localizes (no cost is known yet); later ones only while the time
-spent localizing stays under ``max_overhead`` of the measured training time (the schedule's own
-:class:`~gradwatch.core.schedule.BudgetSchedule`). Under DDP rank zero's decision holds for every
-rank: a localization re-runs ``training_step``, which may hold collectives.
+"""When a check fails in a Lightning run: the framework-free
+:class:`~gradwatch.watch.localizing.FailureLocalizer`, with rank zero's decision holding for every
+rank under DDP (a localization re-runs ``training_step``, which may hold collectives).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import replace
 
 from lightning.pytorch import Trainer
 
-from gradwatch.core.schedule import BudgetSchedule
-from gradwatch.localization import LocalizationReport
-from gradwatch.report import CheckReport, GradientEvent
+from gradwatch.watch.localizing import FAILING, FailureLocalizer, with_events
 
-__all__ = ["FAILING", "FailureLocalizer", "with_events"]
-
-#: Event kinds a localization explains.
-FAILING = ("mismatch", "disconnected")
-#: Localizations kept (the latest).
-KEEP = 16
+__all__ = ["FAILING", "FailureLocalizer", "rank_zero_decides", "with_events"]
 
 
-class FailureLocalizer:
-    """Localizes failing checks within a time budget and names the culprit in their events.
-
-    Args:
-        max_overhead: Share of training time localizations may take after the first.
-
-    Example:
-        >>> f = FailureLocalizer(0.02)
-        >>> f.budget.due(0)   # the first failing check always localizes
-        True
-    """
-
-    def __init__(self, max_overhead: float) -> None:
-        self.budget = BudgetSchedule(max_overhead)
-        self.reports: list[LocalizationReport] = []
-
-    def record_step(self, seconds: float) -> None:
-        """A training step's measured time (what pays for the next localization)."""
-        self.budget.record_step(seconds)
-
-    def due(self, trainer: Trainer) -> bool:
-        """Whether to localize now, agreed across ranks (rank zero's clock decides)."""
-        due = self.budget.due(0)
-        if trainer.world_size > 1:
-            due = bool(trainer.strategy.broadcast(due, src=0))
-        return due
-
-    def run(
-        self,
-        trainer: Trainer,
-        localize: Callable[[], LocalizationReport],
-        events: list[GradientEvent],
-        warn: Callable[[str], None],
-    ) -> tuple[list[GradientEvent], float]:
-        """``events`` with the culprit named (when due and found), and the seconds spent."""
-        if not any(e.kind in FAILING for e in events) or not self.due(trainer):
-            return events, 0.0
-        started = time.perf_counter()
-        try:
-            found = localize()
-        except Exception as exc:  # a localization never stops training
-            warn(f"({type(exc).__name__}: {exc})")
-            found = None
-        spent = time.perf_counter() - started
-        self.budget.record_check(spent)
-        if found is None:
-            return events, spent
-        self.reports = [*self.reports, found][-KEEP:]
-        return found.annotate(events), spent
-
-
-def with_events(report: CheckReport | None, events: list[GradientEvent]) -> CheckReport | None:
-    """The report carrying the (localized) events that match its own, by kind and tensor."""
-    if report is None:
+def rank_zero_decides(trainer: Trainer) -> Callable[[bool], bool] | None:
+    """How ranks agree on localizing: rank zero's decision, broadcast (``None`` on one process)."""
+    if trainer.world_size <= 1:
         return None
-    mine = {(e.kind, e.param): e for e in events}
-    return replace(report, events=tuple(mine.get((e.kind, e.param), e) for e in report.events))
+    return lambda due: bool(trainer.strategy.broadcast(due, src=0))

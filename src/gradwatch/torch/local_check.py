@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from gradwatch.core.problem import Perturbation
+from gradwatch.localization import INNER_SLOTS, slot_phrase
 
 __all__ = ["LocalProblem", "ModuleCall", "slot_phrase", "tensor_leaves", "with_leaves"]
 
 #: The name of the slot holding the parameters of a module's submodules.
-INNER = "<submodule parameters>"
+INNER = INNER_SLOTS[0]
 
 
 def tensor_leaves(obj: Any) -> list[torch.Tensor]:
@@ -67,22 +68,6 @@ def with_leaves(obj: Any, leaves: Iterator[torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         return {k: with_leaves(x, leaves) for k, x in obj.items()}
     return obj
-
-
-def slot_phrase(slot: str) -> str:
-    """How a message names a slot's gradient.
-
-    Example:
-        >>> slot_phrase("input"), slot_phrase("input[1]"), slot_phrase("weight")
-        ('input gradient', 'gradient of input 1', 'weight gradient')
-    """
-    if slot == "input":
-        return "input gradient"
-    if slot.startswith("input["):
-        return f"gradient of input {slot[6:-1]}"
-    if slot == INNER:
-        return "gradient of its submodules' parameters"
-    return f"{slot} gradient"
 
 
 @dataclass

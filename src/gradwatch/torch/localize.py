@@ -11,29 +11,58 @@ tolerances, kinks and resolution floor. The culprit is the innermost failing mod
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from gradwatch import options as v
-from gradwatch.core.check import run_check
-from gradwatch.localization import ROOT, LocalizationReport, ModuleResult, culprits, module_verdict
-from gradwatch.report import CheckReport, Verdict
+from gradwatch.core.local import check_local
+from gradwatch.localization import ROOT, LocalizationReport, ModuleResult, culprits, module_result
+from gradwatch.report import CheckReport
 from gradwatch.torch.evaluate import Evaluator, LossFn, host_rng_preserved
-from gradwatch.torch.local_check import (
-    LocalProblem,
-    ModuleCall,
-    slot_phrase,
-    tensor_leaves,
-    with_leaves,
-)
+from gradwatch.torch.local_check import LocalProblem, ModuleCall, tensor_leaves, with_leaves
 from gradwatch.torch.twin import Twin, cast_batch, named_trainable, unwrap_module
 
-__all__ = ["Localizer", "localize"]
+__all__ = ["Localizer", "float64_bytes", "free_memory", "localize"]
+
+
+def float64_bytes(module: nn.Module) -> int:
+    """Bytes a float64 copy of ``module``'s parameters and floating buffers takes.
+
+    Example:
+        >>> float64_bytes(torch.nn.Linear(3, 2))   # 6 weights + 2 biases
+        64
+    """
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * 8 for t in tensors if t.is_floating_point())
+
+
+def free_memory(device: torch.device) -> int | None:
+    """The free memory the device reports, in bytes (``None`` when it cannot be read).
+
+    CUDA: ``torch.cuda.mem_get_info``; CPU: ``MemAvailable`` from ``/proc/meminfo`` (Linux), else
+    the free pages ``os.sysconf`` reports.
+    """
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class _Recorder:
@@ -97,9 +126,9 @@ class Localizer:
         seed: Seed of the directions and of the recording pass's RNG.
         include: Regular expression(s) on module names: check only matching modules.
         exclude: Regular expression(s) on module names: skip matching modules.
-        max_check_memory: Bytes the checks may use (``None``: derived from free memory).
-            Module-by-module checking is not implemented yet: a model whose float64 copy exceeds
-            it is still checked whole, and the report says so.
+        max_check_memory: Bytes the float64 copy may take (``None``: the free memory the
+            model's device reports, unless a ``twin`` is given). A model whose float64 copy
+            would exceed it is checked module by module (see :meth:`localize`).
         twin: The float64 copy to compute on (the callback shares its checker's).
         prepare: Called as ``prepare(model, twin)`` once a twin is built here.
     """
@@ -142,12 +171,29 @@ class Localizer:
     def _selected(self, name: str) -> bool:
         return v.selected(name, self.include, self.exclude)
 
+    def memory_limit(self) -> int | None:
+        """The bytes a float64 copy may take: ``max_check_memory``, else (no twin given yet) the
+        free memory of the model's device; ``None``: no limit."""
+        if self.max_check_memory is not None:
+            return self.max_check_memory
+        if self._twin is not None:
+            return None  # the copy exists already
+        return free_memory(next(self.model.parameters()).device)
+
     def localize(self, batch: Any) -> LocalizationReport:
-        """Check every module call on ``batch``; the model is left exactly as it was."""
+        """Check every module call on ``batch``; the model is left exactly as it was.
+
+        When the float64 copy of the whole model would exceed :meth:`memory_limit`, the
+        forward/backward that records the calls runs on the model itself in its own dtype, and
+        each module is checked on a float64 copy of that module alone (inputs and cotangents cast
+        to float64); modules whose own copy exceeds the limit are reported as skipped.
+        """
         started = time.perf_counter()
+        limit = self.memory_limit()
+        if limit is not None and self._twin is None and float64_bytes(self.model) > limit:
+            return self._localize_by_module(batch, limit, started)
         twin = self.twin()
         notes = list(twin.notes)
-        notes += self._memory_notes()
         with host_rng_preserved(), twin.synced() as module:
             params = [p for _, p in named_trainable(module, [], [])]
             cast = cast_batch(batch, torch.float64, params[0].device)
@@ -179,17 +225,37 @@ class Localizer:
             notes=tuple(notes),
         )
 
-    def _memory_notes(self) -> list[str]:
-        if self.max_check_memory is None:
-            return []
-        need = sum(p.numel() * 8 for p in self.model.parameters())
-        if need <= self.max_check_memory:
-            return []
-        return [
-            f"the float64 copy's parameters alone take {need} bytes, over max_check_memory="
-            f"{self.max_check_memory}; module-by-module checking is not implemented yet, so the "
-            f"whole copy was used"
-        ]
+    def _localize_by_module(self, batch: Any, limit: int, started: float) -> LocalizationReport:
+        """Record on the model itself in its dtype; check each module on its own float64 copy."""
+        model = self.model
+        params = [p for _, p in named_trainable(model, [], [])]
+        evaluator = Evaluator(
+            model, [], params, batch, self.loss_fn, self.seed, self.model_dtype, float64_guard=False
+        )
+        selected = [(n or ROOT, m) for n, m in model.named_modules()]
+        selected = [(n, m) for n, m in selected if self._selected(n)]
+        with host_rng_preserved():
+            try:
+                calls = self._record(evaluator, selected, params)
+                results, skipped, evaluations = self._check_calls(evaluator, selected, calls, limit)
+            finally:
+                evaluator.restore_buffers()
+        guilty = culprits(results, _containment(selected))
+        note = (
+            f"the float64 copy of the model would take {float64_bytes(model)} bytes, over "
+            f"max_check_memory={limit}, so it was checked module by module: calls recorded in "
+            f"{str(self.model_dtype).removeprefix('torch.')}, each module checked on a float64 "
+            f"copy of itself alone"
+        )
+        return LocalizationReport(
+            culprit=guilty[0] if guilty else None,
+            culprits=guilty,
+            modules=tuple(results),
+            skipped=tuple(skipped),
+            evaluations=evaluations,
+            seconds=time.perf_counter() - started,
+            notes=(note,),
+        )
 
     def _record(
         self,
@@ -215,7 +281,10 @@ class Localizer:
         evaluator: Evaluator,
         selected: list[tuple[str, nn.Module]],
         calls: list[ModuleCall],
+        limit: int | None = None,
     ) -> tuple[list[ModuleResult], list[tuple[str, str]], int]:
+        """Each selected module's calls checked alone (``limit``: each on a float64 copy of the
+        module, if that copy fits)."""
         by_name: dict[str, list[ModuleCall]] = {}
         for call in calls:
             by_name.setdefault(call.name, []).append(call)
@@ -237,7 +306,9 @@ class Localizer:
             reports: list[CheckReport] = []
             reasons: list[str] = []
             for k, call in enumerate(mine):
-                report, reason, used = self._check_call(evaluator, call, (self.seed, index, k))
+                report, reason, used = self._check_call(
+                    evaluator, call, (self.seed, index, k), limit
+                )
                 evaluations += used
                 if report is not None:
                     reports.append(report)
@@ -247,11 +318,15 @@ class Localizer:
                 if reasons:
                     skipped.append((name, reasons[0]))
                 continue
-            results.append(_module_result(name, module, reports))
+            results.append(module_result(name, type(module).__name__, reports))
         return results, skipped, evaluations
 
     def _check_call(
-        self, evaluator: Evaluator, call: ModuleCall, seed: tuple[int, int, int]
+        self,
+        evaluator: Evaluator,
+        call: ModuleCall,
+        seed: tuple[int, int, int],
+        limit: int | None = None,
     ) -> tuple[CheckReport | None, str, int]:
         """One call checked alone: its report, or why it was not checked (``""``: nothing to check)."""
         if not call.cotangents:
@@ -259,24 +334,38 @@ class Localizer:
                 return None, "", 0  # its output needs no gradient: its backward never runs
             return None, "its output does not reach the loss", 0
         prefix = "" if call.name == ROOT else call.name
-        problem = LocalProblem(call, evaluator.computing, lambda n: True, prefix)
-        if not problem.names:
-            return None, "", 0
-        try:
-            problem.compute_base()
-            report = run_check(
-                problem,
-                mode="directional",
-                rng=np.random.default_rng(list(seed)),
-                step=None,
-            )
-        except Exception as exc:  # a forward that cannot run alone is skipped, not fatal
-            return (
-                None,
-                f"it could not be re-run alone ({type(exc).__name__}: {exc})",
-                problem.evaluations,
-            )
-        return report, "", problem.evaluations
+        computing: Callable[[], AbstractContextManager[Any]] = evaluator.computing
+        if limit is not None:
+            size = float64_bytes(call.module)
+            if size > limit:
+                return None, f"too large to check alone ({size} bytes in float64)", 0
+            call, computing = _float64_call(call, self.loss_fn, self.model_dtype)
+        problem = LocalProblem(call, computing, lambda n: True, prefix)
+        return check_local(problem, seed)
+
+
+def _float64_call(
+    call: ModuleCall, loss_fn: LossFn, draw_dtype: torch.dtype
+) -> tuple[ModuleCall, Callable[[], AbstractContextManager[Any]]]:
+    """The call on a float64 copy of its module, inputs, buffers and cotangents cast to float64,
+    and the float64 guard to evaluate it under."""
+
+    def wide(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float64) if t.is_floating_point() else t
+
+    module = copy.deepcopy(call.module).to(torch.float64)
+    leaves = iter([wide(t) for t in tensor_leaves((call.args, call.kwargs))])
+    args, kwargs = with_leaves((call.args, call.kwargs), leaves)
+    wide_call = dataclasses.replace(
+        call,
+        module=module,
+        args=tuple(args),
+        kwargs=dict(kwargs),
+        buffers=[wide(b) for b in call.buffers],
+        cotangents={k: wide(c) for k, c in call.cotangents.items()},
+    )
+    guard = Evaluator(module, [], [], None, loss_fn, 0, torch.float64, draw_dtype=draw_dtype)
+    return wide_call, guard.computing
 
 
 def _containment(selected: list[tuple[str, nn.Module]]) -> dict[str, set[str]]:
@@ -286,43 +375,6 @@ def _containment(selected: list[tuple[str, nn.Module]]) -> dict[str, set[str]]:
         n: {names[id(sub)] for sub in m.modules() if id(sub) in names and sub is not m}
         for n, m in selected
     }
-
-
-def _module_result(name: str, module: nn.Module, reports: list[CheckReport]) -> ModuleResult:
-    verdicts: list[Verdict] = [r.verdict for r in reports]
-    errors = [r.max_rel_error for r in reports if r.max_rel_error is not None]
-    failed = [e for r in reports for e in r.failed]
-    return ModuleResult(
-        name=name,
-        type=type(module).__name__,
-        verdict=module_verdict(verdicts),
-        max_rel_error=max(errors) if errors else None,
-        calls=len(reports),
-        detail=_detail(failed, len(reports)),
-    )
-
-
-def _detail(failed: Sequence[Any], calls: int) -> str:
-    """``its input gradient is off by 10%`` from the failing entries (worst per slot)."""
-    worst: dict[str, Any] = {}
-    for e in failed:
-        if e.param not in worst or (e.rel_error or 0) > (worst[e.param].rel_error or 0):
-            worst[e.param] = e
-    parts = []
-    for slot, e in worst.items():
-        phrase = slot_phrase(slot)
-        if e.status == "disconnected" or e.analytic == 0.0:
-            parts.append(
-                f"its {phrase} is missing (autodiff gives none; finite differences {e.numeric:.3g})"
-            )
-        elif e.numeric == 0.0 or e.analytic / e.numeric < 0:
-            parts.append(
-                f"its {phrase} has the wrong sign or direction (autodiff {e.analytic:.3g}, "
-                f"finite differences {e.numeric:.3g})"
-            )
-        else:
-            parts.append(f"its {phrase} is off by {abs(e.analytic / e.numeric - 1):.0%}")
-    return "; ".join(parts)
 
 
 def localize(
@@ -351,8 +403,11 @@ def localize(
         seed: Seed of the random directions and of the recording pass's RNG.
         include: Regular expression(s) on module names (``"decoder"``): check only these.
         exclude: Regular expression(s) on module names: skip these.
-        max_check_memory: Bytes the check may use (``None``: from free memory). Accepted and
-            validated; checking module by module is not implemented yet (the report notes it).
+        max_check_memory: Bytes the float64 copy may take (``None``: the free memory the
+            model's device reports). A model whose float64 copy would exceed it is checked
+            module by module: the calls are recorded in the model's own dtype and each module
+            is checked on a float64 copy of itself alone; the report's ``skipped`` names the
+            modules too large to check alone.
 
     Returns:
         A :class:`~gradwatch.LocalizationReport`: ``culprit`` (``None`` when every module agrees),

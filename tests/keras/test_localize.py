@@ -1,0 +1,139 @@
+"""gradwatch.keras.localize: a planted backward bug in a custom layer is named at that layer."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+import gradwatch
+from gradwatch.keras import GradWatch, localize
+from gradwatch.keras.localize import layer_tree
+from tests.helpers.keras_bugs_tf import buggy, functional_bug, subclassed_bug, unclonable
+from tests.helpers.keras_models import data
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="localize runs on the TensorFlow backend"
+)
+
+
+def _batch():
+    return data("mlp", seed=3, n=16)
+
+
+@pytest.mark.parametrize(("kind", "culprit"), [("scaled", "act"), ("norm", "norm")])
+def test_a_functional_models_buggy_layer_is_the_culprit(kind, culprit):
+    keras.utils.set_random_seed(1)
+    report = localize(functional_bug(kind), *_batch())
+    assert report.culprits == (culprit,), str(report)
+    assert report.result(culprit).verdict == "fail"
+    assert report.result("head").verdict == "pass"
+    assert "<- culprit" in str(report)
+
+
+def test_the_messages_say_what_is_wrong():
+    keras.utils.set_random_seed(1)
+    scaled = localize(functional_bug("scaled"), *_batch())
+    assert scaled.summary == (
+        "the backward of act (ScaledGrad) is wrong: its input gradient is off by 10%"
+    )
+    norm = localize(functional_bug("norm"), *_batch())
+    assert norm.result("norm").detail.startswith("its input gradient")
+    assert "gamma" not in norm.result("norm").detail  # its own weights' gradients are right
+
+
+def test_a_subclassed_models_nested_buggy_layer_is_the_culprit():
+    keras.utils.set_random_seed(1)
+    report = localize(subclassed_bug(0.9), *_batch())
+    assert report.culprits == ("block.act",), str(report)
+    # the block and the model fail too, but only because they contain the culprit
+    assert report.result("block").verdict == "fail"
+    assert report.result("<model>").verdict == "fail"
+
+
+def test_a_layer_that_cuts_its_kernel_out_of_the_graph_is_the_culprit():
+    keras.utils.set_random_seed(1)
+    model, _, _ = buggy("stop_gradient")
+    report = localize(model, *_batch())
+    assert report.culprits == ("cut",), str(report)
+    assert report.result("cut").detail.startswith("its kernel gradient is missing")
+
+
+def test_a_bug_in_a_subclassed_models_own_call_makes_the_model_the_culprit():
+    keras.utils.set_random_seed(1)
+    report = localize(unclonable("subclassed", 0.9), *_batch())
+    assert report.culprits == ("<model>",), str(report)
+    assert "sublayers' weight gradient is off" in report.summary
+
+
+@pytest.mark.parametrize("make", [lambda: functional_bug(None), lambda: subclassed_bug(1.0)])
+def test_correct_models_have_no_culprit(make):
+    keras.utils.set_random_seed(1)
+    report = localize(make(), *_batch())
+    assert report.culprit is None, str(report)
+    assert {m.verdict for m in report.modules} == {"pass"}, str(report)
+
+
+def test_layers_are_named_in_model_order_with_dropout_checked_on_its_mask():
+    keras.utils.set_random_seed(1)
+    model = functional_bug(None)
+    assert [n for n, _ in layer_tree(model)] == [
+        "<model>",
+        "first",
+        "act",
+        "tanh",
+        "norm",
+        "drop",
+        "head",
+    ]
+    report = localize(model, *_batch())
+    assert report.result("drop").verdict == "pass"
+    assert report.result("norm").calls == 1
+
+
+def test_the_model_is_left_exactly_as_it_was():
+    keras.utils.set_random_seed(1)
+    model = functional_bug("scaled")
+    before = [np.array(v.numpy()) for v in model.variables]
+    policies = [layer.dtype_policy.name for layer in model.layers]
+    localize(model, *_batch())
+    assert all(np.array_equal(b, v.numpy()) for b, v in zip(before, model.variables, strict=True))
+    assert [layer.dtype_policy.name for layer in model.layers] == policies
+    assert all("call" not in vars(layer) for layer in [model, *model.layers])
+
+
+def test_the_report_is_json_and_include_selects_layers():
+    keras.utils.set_random_seed(1)
+    model = functional_bug("scaled")
+    report = localize(model, *_batch(), include=r"^(act|head)$")
+    assert isinstance(report, gradwatch.LocalizationReport)
+    assert [m.name for m in report.modules] == ["act", "head"]
+    assert json.loads(json.dumps(report.to_dict()))["culprit"] == "act"
+
+
+def test_other_backends_are_reported_as_unsupported(monkeypatch):
+    model = functional_bug("scaled")
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    report = localize(model, *_batch())
+    assert report.culprit is None and report.modules == ()
+    assert "unsupported on the jax backend" in report.summary
+
+
+def test_a_fit_with_the_bug_names_the_layer_in_its_events():
+    keras.utils.set_random_seed(1)
+    model = functional_bug("scaled")
+    x, y = _batch()
+    cb = GradWatch(check_every_n_steps=1, on_mismatch="ignore", enable_norms=False)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    mismatches = [e for e in cb.events if e.kind == "mismatch"]
+    assert mismatches
+    assert {e.module for e in mismatches} == {"act"}
+    assert mismatches[0].message.startswith(
+        "the backward of act (ScaledGrad) is wrong: its input gradient is off by 10%"
+    )
+    assert [r.culprit for r in cb.localizations] == ["act"]
+    assert cb.reports[0].events[0].module == "act"
