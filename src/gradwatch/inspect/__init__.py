@@ -6,7 +6,7 @@ Example:
     'layer.weight'
 """
 
-from gradwatch.inspect.plot import plot
+from gradwatch.inspect.plot import plot, plot_figure
 from gradwatch.inspect.read import (
     InspectError,
     RunData,
@@ -26,6 +26,7 @@ __all__ = [
     "load",
     "parse_grad_norm_tag",
     "plot",
+    "plot_figure",
     "print_tables",
     "summarise",
     "to_json",
