@@ -282,7 +282,7 @@ class LocalizationReport:
     def __str__(self) -> str:
         lines = [f"localization: {self.summary}"]
         if self.modules:
-            depth = {m.name: (0 if m.name == ROOT else m.name.count(".") + 1) for m in self.modules}
+            depth = _tree_depths([m.name for m in self.modules])
             names = [("  " * depth[m.name]) + m.name for m in self.modules]
             width = max(len("module"), *(len(n) for n in names))
             twidth = max(len("type"), *(len(m.type) for m in self.modules))
@@ -299,3 +299,25 @@ class LocalizationReport:
         for note in self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)
+
+
+def _tree_depths(names: Sequence[str]) -> dict[str, int]:
+    """Indentation of each listed module: the number of listed modules that contain it.
+
+    A container never called itself (an ``nn.ModuleList``) is not listed, so its children sit at
+    the depth of the container's parent, not under the sibling listed before them.
+
+    Example:
+        >>> _tree_depths(["<model>", "embed", "layers.0", "layers.0.act", "head"])
+        {'<model>': 0, 'embed': 1, 'layers.0': 1, 'layers.0.act': 2, 'head': 1}
+    """
+    listed = set(names)
+    depths = {}
+    for name in names:
+        if name == ROOT:
+            depths[name] = 0
+            continue
+        parts = name.split(".")
+        above = sum(".".join(parts[:k]) in listed for k in range(1, len(parts)))
+        depths[name] = above + (1 if ROOT in listed else 0)
+    return depths

@@ -498,13 +498,18 @@ def test_events_are_grouped_by_kind_module_and_param(lightning_run):
     assert len(cb.events) >= 2 and {e.param for e in cb.events} == {"net.0.weight"}
     proc = cli(root)
     out = proc.stdout
-    # the first failing check was localized, the later one not (over the budget): two groups
-    assert [e.module for e in sorted(cb.events, key=lambda e: e.step)] == ["net.0", None]
-    assert f"{len(cb.events)} event(s) in 2 group(s)" in out
-    assert "mismatch: 1 event(s) in 1 tensor(s), module net.0" in out
-    assert "mismatch: 1 event(s) in 1 tensor(s), module not localized" in out
+    # The first failing check is always localized; later ones when the budget allows (timing):
+    # one group per module value seen, each with its count.
+    events = sorted(cb.events, key=lambda e: e.step)
+    assert events[0].module == "net.0"
+    modules = [e.module for e in events]
+    groups = sorted(set(modules), key=lambda m: (m is None, m or ""))
+    assert f"{len(cb.events)} event(s) in {len(groups)} group(s)" in out
+    for m in groups:
+        where = f"module {m or 'not localized'}"
+        assert f"mismatch: {modules.count(m)} event(s) in 1 tensor(s), {where}" in out
     assert "the backward of net.0 (BuggyLinear) is wrong: its weight gradient is off by 10%" in out
-    assert out.count("autodiff gives") == 2  # the first message of each group
+    assert out.count("autodiff gives") == len(groups)  # the first message of each group
 
     full = cli(root, "--events", "all").stdout
     for e in cb.events:
