@@ -466,3 +466,24 @@ def test_relu_at_its_kink_is_a_kink_and_relu_networks_pass():
     for seed in range(3):
         r = check_gradients(relu, make_batch("mlp", seed), classify, num_params=64, seed=seed)
         assert r.verdict == "pass", str(r)
+
+
+def test_a_detached_table_is_disconnected_even_when_its_sampled_rows_are_unused():
+    # A position table of 64 rows of which the batch uses 2, read through .detach(): every
+    # coordinate likely lands on an unused row (true gradient 0 both ways); autodiff's all-zero
+    # gradient makes the check add one direction through the whole table.
+    torch.manual_seed(0)
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(64, 4)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x):
+            pos = self.table.weight.detach()[:2]  # the bug: detached
+            return self.head(x + pos.sum(0)).sum()
+
+    report = check_gradients(Positions(), torch.randn(3, 4), lambda m, b: m(b), num_params=4)
+    kinds = {(e.kind, e.param) for e in report.events}
+    assert ("disconnected", "table.weight") in kinds, str(report)

@@ -114,6 +114,13 @@ def run_check(
             for idx in idxs:
                 info[t].taken.add(idx)
                 entries.append(Entry(tensor=t, index=idx))
+            if info[t].all_zero and len(idxs) < _size(info[t].shape):
+                # Autodiff says the loss ignores this tensor: one direction through all its
+                # entries as well, since a few coordinates can all land where the loss really
+                # ignores it (unused embedding rows) and miss that the rest is disconnected.
+                entries.append(
+                    Entry(tensor=t, index=None, direction=random_direction(info[t].shape, rng))
+                )
     else:
         for t in chosen:
             entries.append(
@@ -161,6 +168,10 @@ def run_check(
     return build_report(
         problem, info, done, tol, dtype, mode, step, evaluations, t0, notes, framework
     )
+
+
+def _size(shape: Sequence[int]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
 
 
 def _smallest_resolved_change(entries: Sequence[Entry]) -> float:
