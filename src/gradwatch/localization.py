@@ -8,6 +8,7 @@ code of its own). Plain Python values only, like :mod:`gradwatch.report`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -222,6 +223,30 @@ class LocalizationReport:
     evaluations: int = 0
     seconds: float = 0.0
     notes: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def from_results(
+        cls,
+        results: Sequence[ModuleResult],
+        skipped: Sequence[tuple[str, str]],
+        inside: Mapping[str, Collection[str]],
+        *,
+        evaluations: int,
+        started: float,
+        notes: Sequence[str] = (),
+    ) -> LocalizationReport:
+        """The report of checked modules: culprits found with :func:`culprits` (``inside``: each
+        module's checked submodules), time measured from ``started`` (``time.perf_counter()``)."""
+        guilty = culprits(results, inside)
+        return cls(
+            culprit=guilty[0] if guilty else None,
+            culprits=guilty,
+            modules=tuple(results),
+            skipped=tuple(skipped),
+            evaluations=evaluations,
+            seconds=time.perf_counter() - started,
+            notes=tuple(notes),
+        )
 
     def result(self, name: str) -> ModuleResult | None:
         """The result of the module called ``name`` (``None`` if it was not checked)."""

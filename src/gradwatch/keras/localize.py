@@ -23,7 +23,7 @@ from gradwatch import options as v
 from gradwatch.core.local import check_local
 from gradwatch.keras import _compat
 from gradwatch.keras.checker import KerasChecker, _cast_tree, _pack, _value_in
-from gradwatch.localization import ROOT, LocalizationReport, ModuleResult, culprits, module_result
+from gradwatch.localization import ROOT, LocalizationReport, ModuleResult, module_result
 from gradwatch.report import CheckReport
 
 if TYPE_CHECKING:
@@ -174,15 +174,13 @@ class KerasLocalizer:
         selected = [(n, layer) for n, layer in tree if v.selected(n, self.include, self.exclude)]
         calls = self._record(selected, values, frozen, batch)
         results, skipped, evaluations = self._check_calls(selected, calls, base)
-        guilty = culprits(results, _containment(selected))
-        return LocalizationReport(
-            culprit=guilty[0] if guilty else None,
-            culprits=guilty,
-            modules=tuple(results),
-            skipped=tuple(skipped),
+        return LocalizationReport.from_results(
+            results,
+            skipped,
+            _containment(selected),
             evaluations=evaluations,
-            seconds=time.perf_counter() - started,
-            notes=tuple(self._memory_notes()),
+            started=started,
+            notes=self._memory_notes(),
         )
 
     def _memory_notes(self) -> list[str]:

@@ -24,7 +24,7 @@ from torch import nn
 
 from gradwatch import options as v
 from gradwatch.core.local import check_local
-from gradwatch.localization import ROOT, LocalizationReport, ModuleResult, culprits, module_result
+from gradwatch.localization import ROOT, LocalizationReport, ModuleResult, module_result
 from gradwatch.report import CheckReport
 from gradwatch.torch.evaluate import Evaluator, LossFn, host_rng_preserved
 from gradwatch.torch.local_check import LocalProblem, ModuleCall, tensor_leaves, with_leaves
@@ -214,15 +214,13 @@ class Localizer:
                 results, skipped, evaluations = self._check_calls(evaluator, selected, calls)
             finally:
                 evaluator.restore_buffers()
-        guilty = culprits(results, _containment(selected))
-        return LocalizationReport(
-            culprit=guilty[0] if guilty else None,
-            culprits=guilty,
-            modules=tuple(results),
-            skipped=tuple(skipped),
+        return LocalizationReport.from_results(
+            results,
+            skipped,
+            _containment(selected),
             evaluations=evaluations,
-            seconds=time.perf_counter() - started,
-            notes=tuple(notes),
+            started=started,
+            notes=notes,
         )
 
     def _localize_by_module(self, batch: Any, limit: int, started: float) -> LocalizationReport:
@@ -240,20 +238,18 @@ class Localizer:
                 results, skipped, evaluations = self._check_calls(evaluator, selected, calls, limit)
             finally:
                 evaluator.restore_buffers()
-        guilty = culprits(results, _containment(selected))
         note = (
             f"the float64 copy of the model would take {float64_bytes(model)} bytes, over "
             f"max_check_memory={limit}, so it was checked module by module: calls recorded in "
             f"{str(self.model_dtype).removeprefix('torch.')}, each module checked on a float64 "
             f"copy of itself alone"
         )
-        return LocalizationReport(
-            culprit=guilty[0] if guilty else None,
-            culprits=guilty,
-            modules=tuple(results),
-            skipped=tuple(skipped),
+        return LocalizationReport.from_results(
+            results,
+            skipped,
+            _containment(selected),
             evaluations=evaluations,
-            seconds=time.perf_counter() - started,
+            started=started,
             notes=(note,),
         )
 

@@ -139,6 +139,14 @@ def _draw(guard: Float64Guard, func: Any, args: tuple[Any, ...], kwargs: dict[st
     """``torch.rand``/``randn``/``normal(mean, std, size)`` drawn in the model's dtype, widened."""
     if "out" in kwargs or (func is torch.normal and len(args) < 3 and "size" not in kwargs):
         return func(*args, **kwargs)  # tensor-mean normal: its dtype follows the (float64) mean
+    return _widened_draw(guard, func, args, kwargs)
+
+
+def _widened_draw(
+    guard: Float64Guard, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """The draw made in the model's dtype (or the low float asked for), then widened to float64;
+    a draw asked for in another dtype is left as it is."""
     dtype = kwargs.get("dtype")
     if dtype is not None and dtype not in LOW_FLOATS:
         return func(*args, **kwargs)
@@ -156,12 +164,7 @@ def _draw_like(
     source = args[0]
     if dtype is None and not (isinstance(source, torch.Tensor) and source.is_floating_point()):
         return func(*args, **kwargs)
-    if dtype is not None and dtype not in LOW_FLOATS:
-        return func(*args, **kwargs)
-    grad = bool(kwargs.get("requires_grad", False))
-    kw = {**kwargs, "dtype": dtype or guard.draw_dtype, "requires_grad": False}
-    out = func(*args, **kw).to(torch.float64)
-    return out.requires_grad_() if grad else out
+    return _widened_draw(guard, func, args, kwargs)
 
 
 def _fill_random(
