@@ -8,14 +8,12 @@ file.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
 import numpy as np
-import numpy.typing as npt
 
 from gradwatch.core.policy import Action
 from gradwatch.keras.backend import to_numpy, variable_norms
@@ -126,7 +124,6 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self._step = 0
         self._epoch_base = 0
         self._blocks_read = 0
-        self._limit_cache: tuple[tuple[str, ...], npt.NDArray[np.float64]] | None = None
         self._t_start = 0.0
         self._last_norm: float | None = None
         self._last_error: float | None = None
@@ -326,7 +323,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         action = self._observe_skips(steps[-1] if steps else self._step)
         # Rows of steps the health rules do not sample (norm_every_n_steps) are dropped, except
         # non-finite or exploding ones: an update the guard skipped is never lost.
-        limit = self._limit()
+        limit = self._watcher.explode_limits(self._taps.names)
         calm = np.asarray((values <= limit).all(axis=1), dtype=bool).reshape(-1)
         loud = [not bool(x) for x in calm] if len(self._taps.names) else []
         keep = [i for i, s in enumerate(steps) if w.observes(s) or (loud and loud[i])]
@@ -355,14 +352,6 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         self._watcher.observe_weight_norms(
             {v.path: float(x) for v, x in zip(variables, norms, strict=True)}
         )
-
-    def _limit(self) -> npt.NDArray[np.float64]:
-        """Each tensor's norm above which it is exploding (cached per set of tensors)."""
-        names = tuple(self._taps.names)
-        if self._limit_cache is None or self._limit_cache[0] != names:
-            sizes = [max(1, math.prod(self._taps.shapes.get(n, (1,)))) for n in names]
-            self._limit_cache = (names, self.config.explode_threshold * np.sqrt(sizes))
-        return self._limit_cache[1]
 
     def _observe_skips(self, step: int) -> Action:
         """Steps a ``LossScaleOptimizer`` skipped (overflow): counted; a run of them is an event."""

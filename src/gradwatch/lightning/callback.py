@@ -287,10 +287,9 @@ class GradWatch(WatchRecords, Callback):
         key = (names, vector.device)
         cached = self._limits.get(key)
         if cached is None:
-            numels = self._watcher.numels
             top = float(torch.finfo(torch.float32).max)
-            rms = self.config.explode_threshold if self._guard_explode else top
-            values = [min(top, math.sqrt(max(1, numels.get(n, 1))) * rms) for n in names]
+            limits = self._watcher.explode_limits(names)
+            values = np.minimum(top, limits) if self._guard_explode else np.full(len(names), top)
             cached = torch.tensor(values, dtype=torch.float32, device=vector.device)
             self._limits[key] = cached
         return cached
@@ -352,12 +351,8 @@ class GradWatch(WatchRecords, Callback):
         self._act(trainer, action)
 
     def _over_limit(self, named: list[tuple[str, torch.Tensor]], values: list[float]) -> bool:
-        numels = self._watcher.numels
-        limit = self.config.explode_threshold
-        return any(
-            v / math.sqrt(max(1, numels.get(n, 1))) > limit
-            for n, v in zip(self._norms.names(named), values, strict=True)
-        )
+        limits = self._watcher.explode_limits(self._norms.names(named))
+        return bool((np.asarray(values) > limits).any())
 
     def _skip_update(self, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
         """Make the coming ``optimizer.step()`` leave weights, optimizer state and the running

@@ -410,6 +410,15 @@ class Watcher:
         total = global_norm(norms)  # once, whatever the number of sinks
         self._write(lambda sink: sink.write_norms(step, norms, total), step)
 
+    def rms_scale(self, names: Sequence[str]) -> npt.NDArray[np.float64]:
+        """``√numel`` of each tensor: a norm divided by it is the gradient's RMS."""
+        return np.array([math.sqrt(max(1, self.numels.get(k, 1))) for k in names])
+
+    def explode_limits(self, names: Sequence[str]) -> npt.NDArray[np.float64]:
+        """Each tensor's norm above which it is exploding (RMS above ``explode_threshold``): the
+        one limit the health rules, the callbacks' per-step calm tests and their guards share."""
+        return self.rms_scale(names) * self.config.thresholds.explode_threshold
+
     def write_histograms(
         self, step: int, values: Callable[[], Mapping[str, npt.ArrayLike]]
     ) -> None:
@@ -454,9 +463,8 @@ class Watcher:
         if names != self._block_names:
             events.extend(self._judge_block())
             self._block_names = names
-            scale = np.array([math.sqrt(max(1, self.numels.get(k, 1))) for k in names])
-            self._block_scale = scale
-            self._block_limit = scale * self.config.thresholds.explode_threshold
+            self._block_scale = self.rms_scale(names)
+            self._block_limit = self.explode_limits(names)
             self._limit_list = self._block_limit.tolist()
             self._block = np.empty((HEALTH_BLOCK, len(names)))
         start = 0
