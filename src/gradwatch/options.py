@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from gradwatch.core.check import MODES
 from gradwatch.core.health import HealthThresholds
-from gradwatch.core.policy import Policy, validate_policy
+from gradwatch.core.policy import STOPPING, Policy, validate_policy
 
 __all__ = [
     "DTYPES",
@@ -426,6 +426,15 @@ class WatchConfig:
             "on_explode": self.on_explode,
             "on_nonfinite": self.on_nonfinite,
         }
+
+    def stops(self, argument: str) -> bool:
+        """Whether the policy given as ``argument`` (``"on_nonfinite"``...) halts or raises.
+
+        Example:
+            >>> WatchConfig.create().stops("on_nonfinite"), WatchConfig.create().stops("on_vanish")
+            (True, False)
+        """
+        return self.policies[argument] in STOPPING
 
     @property
     def thresholds(self) -> HealthThresholds:

@@ -30,6 +30,8 @@ logger = logging.getLogger("gradwatch")
 
 Policy = Literal["ignore", "warn", "halt", "raise"]
 POLICIES: tuple[str, ...] = ("ignore", "warn", "halt", "raise")
+#: The policies that stop training.
+STOPPING: tuple[str, ...] = ("halt", "raise")
 
 
 def validate_policy(argument: str, value: object) -> Policy:

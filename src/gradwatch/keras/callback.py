@@ -188,15 +188,14 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
                 f"GradWatch: per-step gradient norms are not available on the {backend} backend "
                 f"yet; checks go on",
             )
-        policies = self.config.policies
-        stops = ("halt", "raise")
+        c = self.config
         self._taps.install(
             model,
             self._step,
             norms=norms,
             capture=w.checks_on and self._probe is None,
-            guard=policies["on_nonfinite"] in stops or policies["on_explode"] in stops,
-            explode=self.config.explode_threshold if policies["on_explode"] in stops else None,
+            guard=c.stops("on_nonfinite") or c.stops("on_explode"),
+            explode=c.explode_threshold if c.stops("on_explode") else None,
         )
         self._epoch_base = self._step
         self._blocks_read = 0

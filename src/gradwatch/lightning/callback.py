@@ -57,7 +57,6 @@ _FIX = (
     "pass GradWatch(loss_fn=lambda module, batch: ...) that a float64 copy of the module can "
     "run, or enable_checks=False"
 )
-_STOPS = ("halt", "raise")
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
@@ -138,15 +137,13 @@ class GradWatch(WatchRecords, Callback):
         self._watcher = Watcher(self.config, first_step=0, framework="lightning")
         self._norms = GradNorms([])
         self._rerun: Rerun | None = None
-        policies = self.config.policies
-        stops = ("halt", "raise")
+        c = self.config
         # Judge every step's norms before the optimizer steps (one boolean host read per step)
         # when a non-finite or exploding gradient must stop training before its update.
-        norms_on = self.config.enable_norms
-        self._guard_explode = norms_on and policies["on_explode"] in stops
-        self._guard = self._guard_explode or (norms_on and policies["on_nonfinite"] in stops)
+        self._guard_explode = c.enable_norms and c.stops("on_explode")
+        self._guard = self._guard_explode or (c.enable_norms and c.stops("on_nonfinite"))
         # Health actions that can stop training are agreed across ranks.
-        self._agree = any(policies[k] in stops for k in ("on_vanish", "on_explode", "on_nonfinite"))
+        self._agree = any(c.stops(k) for k in ("on_vanish", "on_explode", "on_nonfinite"))
         self._limits: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
         self._stats: list[torch.Tensor] = []
         self._saved_stats: list[torch.Tensor] = []
@@ -331,7 +328,7 @@ class GradWatch(WatchRecords, Callback):
         action = agree_action(trainer, action) if self._agree else action
         policies = self.config.policies
         policy = None
-        if nonfinite and policies["on_nonfinite"] in _STOPS:
+        if nonfinite and self.config.stops("on_nonfinite"):
             policy = policies["on_nonfinite"]
         elif self._guard_explode and self._over_limit(named, values):
             policy = policies["on_explode"]
