@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import pytest
 import torch
 
@@ -13,27 +12,14 @@ from gradwatch.lightning import GradWatch
 from tests.helpers.lightning_models import trainer
 from tests.helpers.localize_models import (
     TRANSFORMER_CULPRIT,
-    demo_transformer,
-    lm_loss,
     token_batch,
 )
+from tests.helpers.transformer_run import DemoLM
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning:lightning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
 ]
-
-
-class DemoLM(L.LightningModule):
-    def __init__(self, bug: bool) -> None:
-        super().__init__()
-        self.model = demo_transformer(bug)
-
-    def training_step(self, batch, batch_idx):
-        return lm_loss(self.model, batch)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 def _data(batches: int = 2):
