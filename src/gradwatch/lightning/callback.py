@@ -261,33 +261,33 @@ class GradWatch(WatchRecords, Callback):
         # float32 overflow cannot pass for a non-finite gradient when the block is read.
         read_now = self._guard or scaler is not None or host_reads_are_free(named[0][1].device)
         vector = self._norms.vector(named, scale, wide=not read_now)
+        names = self._norms.names(named)  # the order of the vector's entries
         if read_now:
             # The one host read per step (on the CPU it costs no synchronisation): are all
             # norms finite and under the explode limit? Agreed across ranks (one all-reduce).
-            limit = self._limit(named, vector)
+            limit = self._limit(names, vector.device)
             if not agree_calm(trainer, (vector <= limit).all()):
                 self._not_calm(trainer, step, optimizer, named, vector, scale, scaler)
                 return
             if scaler is not None:
                 w.observe_skipped_step(step, False, 1.0, "GradScaler")
         if observed:
-            self._step_rows.append((self._norms.names(named), vector))
+            self._step_rows.append((names, vector))
             w.write_histograms(step, lambda: self._norms.histograms(named))
 
-    def _limit(self, named: list[tuple[str, torch.Tensor]], vector: torch.Tensor) -> torch.Tensor:
+    def _limit(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
         """Each tensor's explode limit on the norms' device; ``inf`` and NaN always exceed it.
 
         Without a stopping ``on_explode`` the limit is float32's largest value: only non-finite
         norms (and float32 overflows, which :meth:`GradNorms.exact` resolves) are not calm.
         """
-        names = self._norms.names(named)
-        key = (names, vector.device)
+        key = (names, device)
         cached = self._limits.get(key)
         if cached is None:
             top = float(torch.finfo(torch.float32).max)
             limits = self._watcher.explode_limits(names)
             values = np.minimum(top, limits) if self._guard_explode else np.full(len(names), top)
-            cached = torch.tensor(values, dtype=torch.float32, device=vector.device)
+            cached = torch.tensor(values, dtype=torch.float32, device=device)
             self._limits[key] = cached
         return cached
 
