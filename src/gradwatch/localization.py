@@ -13,6 +13,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from gradwatch.core.verdict import LOCATE_ADVICE
 from gradwatch.report import CheckReport, EntryResult, GradientEvent, Verdict, json_float
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "is_inside",
     "module_result",
     "module_verdict",
+    "slot_name",
     "slot_phrase",
 ]
 
@@ -51,6 +53,19 @@ def slot_phrase(slot: str) -> str:
     if slot == INNER_SLOTS[1]:
         return "sublayers' weight gradient"
     return f"{slot} gradient"
+
+
+def slot_name(module: str, slot: str) -> str:
+    """The name a local check's slot gets in a report: a parameter's full name, or
+    ``module:slot`` for an input and for the submodules' parameters.
+
+    Example:
+        >>> slot_name("block.conv", "weight"), slot_name("block.act", "input"), slot_name(ROOT, "bias")
+        ('block.conv.weight', 'block.act:input', 'bias')
+    """
+    if slot.startswith("input") or slot in INNER_SLOTS:
+        return f"{module}:{slot}"
+    return slot if module == ROOT else f"{module}.{slot}"
 
 
 def failure_detail(failed: Sequence[EntryResult]) -> str:
@@ -101,6 +116,9 @@ def module_result(name: str, type_name: str, reports: Sequence[CheckReport]) -> 
         max_rel_error=max(errors) if errors else None,
         calls=len(reports),
         detail=failure_detail(failed),
+        entries=tuple(
+            replace(e, param=slot_name(name, e.param)) for r in reports for e in r.results
+        ),
     )
 
 
@@ -117,6 +135,8 @@ class ModuleResult:
         max_rel_error: Worst conclusive relative error over its calls (``None`` if none was).
         calls: How many calls of it were checked (weight sharing: one per call).
         detail: What is wrong, when it failed (``its input gradient is off by 10%``).
+        entries: Every direction checked, named by :func:`slot_name` (``block.act:input``,
+            ``block.conv.weight``).
     """
 
     name: str
@@ -125,6 +145,7 @@ class ModuleResult:
     max_rel_error: float | None
     calls: int
     detail: str = ""
+    entries: tuple[EntryResult, ...] = field(default=(), repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -135,6 +156,7 @@ class ModuleResult:
             "max_rel_error": json_float(self.max_rel_error),
             "calls": self.calls,
             "detail": self.detail,
+            "entries": [e.to_dict() for e in self.entries],
         }
 
 
@@ -263,8 +285,7 @@ class LocalizationReport:
             if any(m.verdict == "fail" for m in self.modules):
                 return "no single module is the culprit"
             return f"every checked module's backward agrees with finite differences ({len(self.modules)} modules)"
-        text = f"the backward of {found.name} ({found.type}) is wrong"
-        text += f": {found.detail}" if found.detail else ""
+        text = _culprit_sentence(found)
         others = [c for c in self.culprits if c != found.name]
         return text + (f" (also: {', '.join(others)})" if others else "")
 
@@ -283,14 +304,92 @@ class LocalizationReport:
         found = self.result(self.culprit) if self.culprit is not None else None
         if found is None:
             return list(events)
-        lead = f"the backward of {found.name} ({found.type}) is wrong"
-        lead += f": {found.detail}" if found.detail else ""
+        lead = _culprit_sentence(found)
         return [
-            replace(e, module=found.name, message=f"{lead}; {e.message}")
+            replace(
+                e, module=found.name, message=f"{lead}; {e.message.removesuffix(LOCATE_ADVICE)}"
+            )
             if e.kind in ("mismatch", "disconnected")
             else e
             for e in events
         ]
+
+    def as_check(
+        self,
+        *,
+        rtol: float,
+        step: int | None = None,
+        dtype: str = "float64",
+        notes: Sequence[str] = (),
+    ) -> CheckReport:
+        """This localization as a gradient check (``mode="modules"``).
+
+        Its entries are every module's directions (named by :func:`slot_name`); each culprit
+        gives one ``mismatch`` (``disconnected`` when a gradient is missing) event naming it as
+        ``module``. Verdict: ``fail`` with a culprit, ``pass`` when a module passed and none
+        failed, else ``inconclusive`` (with an ``unchecked`` event when no module could be
+        checked at all).
+
+        Example:
+            >>> from gradwatch.report import EntryResult
+            >>> bad = EntryResult("act:input", None, 0.9, 1.0, 0.1, "mismatch")
+            >>> r = LocalizationReport("act", ("act",), (ModuleResult("act", "MyGELU", "fail",
+            ...     0.1, 1, "its input gradient is off by 10%", (bad,)),), ())
+            >>> check = r.as_check(rtol=1e-3)
+            >>> check.verdict, check.events[0].module, check.events[0].param
+            ('fail', 'act', 'act:input')
+        """
+        entries = tuple(e for m in self.modules for e in m.entries)
+        events: list[GradientEvent] = []
+        for name in self.culprits:
+            found = self.result(name)
+            if found is None:
+                continue
+            bad = [e for e in found.entries if e.status in ("mismatch", "disconnected")]
+            worst = max(bad, key=lambda e: e.rel_error or 0.0, default=None)
+            missing = any(e.status == "disconnected" for e in bad)
+            events.append(
+                GradientEvent(
+                    step=-1 if step is None else step,
+                    kind="disconnected" if missing else "mismatch",
+                    param=worst.param if worst is not None else name,
+                    value=float(found.max_rel_error if found.max_rel_error is not None else 1.0),
+                    threshold=rtol,
+                    message=_culprit_sentence(found),
+                    module=name,
+                )
+            )
+        errors = [m.max_rel_error for m in self.modules if m.max_rel_error is not None]
+        verdict: Verdict = "fail" if events else module_verdict([m.verdict for m in self.modules])
+        extra = [*self.notes, *notes]
+        if self.skipped:
+            shown = "; ".join(f"{n}: {why}" for n, why in self.skipped[:3])
+            more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            extra.append(f"{len(self.skipped)} modules were not checked ({shown}{more})")
+        if not self.modules:
+            events.append(
+                GradientEvent(
+                    step=-1 if step is None else step,
+                    kind="unchecked",
+                    param="global",
+                    value=float("nan"),
+                    threshold=float("nan"),
+                    message=f"nothing was verified: {self.summary}",
+                )
+            )
+        return CheckReport(
+            step=step,
+            verdict=verdict,
+            max_rel_error=max(errors) if errors else None,
+            results=entries,
+            events=tuple(events),
+            mode="modules",
+            dtype=dtype,
+            rtol=rtol,
+            evaluations=self.evaluations,
+            seconds=self.seconds,
+            notes=tuple(extra),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -324,6 +423,12 @@ class LocalizationReport:
         for note in self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)
+
+
+def _culprit_sentence(found: ModuleResult) -> str:
+    """``the backward of act (MyGELU) is wrong: its input gradient is off by 10%``."""
+    text = f"the backward of {found.name} ({found.type}) is wrong"
+    return text + (f": {found.detail}" if found.detail else "")
 
 
 def _tree_depths(names: Sequence[str]) -> dict[str, int]:

@@ -17,6 +17,7 @@ from gradwatch.core.health import HealthThresholds
 from gradwatch.core.policy import STOPPING, Policy, validate_policy
 
 __all__ = [
+    "CHECK_MODES",
     "DTYPES",
     "CheckOptions",
     "DType",
@@ -40,7 +41,7 @@ DTYPES: tuple[str | None, ...] = ("float64", "float32", None)
 
 #: The argument types the callbacks declare, so a LightningCLI/jsonargparse config is checked
 #: when it is parsed and ``--help`` lists the choices (the values are validated at run time too).
-Mode = Literal["coordinate", "directional"]
+Mode = Literal["coordinate", "directional", "modules"]
 DType = Literal["float64", "float32"]
 
 
@@ -100,10 +101,21 @@ def check_positive_float(argument: str, value: object, *, allow_none: bool = Fal
     return float(value)
 
 
+#: What ``mode=`` accepts: the engine's modes on whole-model losses, and ``"modules"`` (each
+#: module's own backward checked alone, see :mod:`gradwatch.localization`).
+CHECK_MODES: tuple[str, ...] = (*MODES, "modules")
+
+
 def check_mode(value: object) -> str:
-    """``"coordinate"`` or ``"directional"``."""
-    if value not in MODES:
-        raise ValueError(f"mode must be one of 'coordinate', 'directional'; got {value!r}")
+    """``"coordinate"``, ``"directional"`` or ``"modules"``.
+
+    Example:
+        >>> check_mode("modules")
+        'modules'
+    """
+    if value not in CHECK_MODES:
+        allowed = ", ".join(repr(m) for m in CHECK_MODES)
+        raise ValueError(f"mode must be one of {allowed}; got {value!r}")
     return str(value)
 
 
@@ -285,10 +297,16 @@ class CheckOptions:
         exclude: str | Sequence[str] | None,
     ) -> CheckOptions:
         """``ValueError`` naming the first bad argument; else the options."""
+        checked_mode, checked_dtype = check_mode(mode), check_dtype(dtype)
+        if checked_mode == "modules" and checked_dtype != "float64":
+            raise ValueError(
+                f"dtype must be 'float64' with mode='modules' (each module is checked on a "
+                f"float64 copy), got {dtype!r}"
+            )
         return cls(
             num_params=int(check_positive_int("num_params", num_params) or 1),
-            mode=check_mode(mode),
-            dtype=check_dtype(dtype),
+            mode=checked_mode,
+            dtype=checked_dtype,
             eps=check_positive_float("eps", eps, allow_none=True),
             rtol=check_positive_float("rtol", rtol, allow_none=True),
             seed=check_seed(seed),

@@ -194,7 +194,8 @@ class CheckReport:
         results: Every entry checked, kinks and zeros included.
         events: One event per failing tensor (``mismatch``/``disconnected``), or ``nonfinite``
             or ``unchecked`` (why the check could not judge).
-        mode: ``coordinate`` or ``directional``.
+        mode: ``coordinate``, ``directional`` or ``modules`` (entries are directions of each
+            module's inputs and parameters, evaluations are of single modules).
         dtype: The dtype the check computed in.
         rtol: The tolerance the relative errors were judged against.
         evaluations: Loss evaluations used.
@@ -273,10 +274,12 @@ class CheckReport:
             counts[r.status] = counts.get(r.status, 0) + 1
         count_text = ", ".join(f"{counts[s]} {s}" for s in STATUSES if s in counts) or "none"
         where = "" if self.step is None else f" at step {self.step}"
+        # mode="modules": entries are a module's inputs and parameters, evaluations of one module
+        what, evaluated = ("slots", "module") if self.mode == "modules" else ("tensors", "loss")
         lines = [
             f"gradient check{where}: {self.verdict.upper()}  "
             f"(max rel error {_fmt(self.max_rel_error)}, rtol {self.rtol:g}, {self.mode}, "
-            f"{self.dtype}, {len(self.params)} tensors, {self.evaluations} loss evaluations, "
+            f"{self.dtype}, {len(self.params)} {what}, {self.evaluations} {evaluated} evaluations, "
             f"{self.seconds:.2f}s)",
             f"  entries: {count_text}",
         ]

@@ -253,3 +253,23 @@ def test_a_loss_too_coarse_to_move_at_all_is_zero_not_mismatch(d):
     assert r.verdict == "inconclusive", str(r)
     assert {e.status for e in r.results} == {"zero"}
     assert any("below what the loss evaluations resolve" in n for n in r.notes)
+
+
+@pytest.mark.parametrize(
+    ("scale", "recheck_above", "directions"),
+    [
+        (1.0005, 0.1, 2),  # passed at 5e-4 (> 0.1 rtol): a second, fresh direction
+        (1.0005, None, 1),  # no second look asked for
+        (1.00001, 0.1, 1),  # passed at 1e-5: far enough under rtol
+    ],
+)
+def test_a_direction_that_passed_close_to_rtol_gets_a_second_look(scale, recheck_above, directions):
+    problem = NumpyProblem(grad_scale={0: scale})
+    report = run_check(
+        problem, mode="directional", rng=np.random.default_rng(0), recheck_above=recheck_above
+    )
+    weight = [r for r in report.results if r.param == "layer.weight"]
+    assert len(weight) == directions, report
+    assert len({r.analytic for r in weight}) == directions  # a different direction each
+    assert report.verdict == "pass"
+    assert len([r for r in report.results if r.param == "layer.bias"]) == 1

@@ -70,3 +70,16 @@ def test_later_failing_checks_localize_only_within_the_budget():
     assert len(cb.localizations) == 1
     steps = sorted({e.step for e in cb.events if e.module is not None})
     assert steps == [0]
+
+
+def test_mode_modules_checks_each_module_and_names_the_culprit(tmp_path):
+    cb = GradWatch(check_every_n_steps=1, mode="modules", on_mismatch="ignore")
+    trainer(callbacks=[cb], max_steps=2).fit(DemoLM(bug=True), _data())
+    assert [r.mode for r in cb.reports] == ["modules", "modules"]
+    assert all(r.verdict == "fail" for r in cb.reports), [str(r) for r in cb.reports]
+    failing = [e for e in cb.events if e.kind == "mismatch"]
+    assert {e.module for e in failing} == {f"model.{TRANSFORMER_CULPRIT}"}
+    assert cb.localizations == []  # the check itself localized: no second localization
+    good = GradWatch(check_every_n_steps=1, mode="modules")
+    trainer(callbacks=[good], max_steps=1).fit(DemoLM(bug=False), _data())
+    assert [r.verdict for r in good.reports] == ["pass"], [str(r) for r in good.reports]

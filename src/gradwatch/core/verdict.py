@@ -16,6 +16,7 @@ from gradwatch.core.vocabulary import vocabulary
 from gradwatch.report import CheckReport, EntryResult, GradientEvent, Status, Verdict
 
 __all__ = [
+    "LOCATE_ADVICE",
     "MIN_CONCLUSIVE_FRACTION",
     "Entry",
     "TensorInfo",
@@ -23,6 +24,12 @@ __all__ = [
     "judge_aggregate",
     "nonfinite_report",
 ]
+
+#: The advice a mismatch message ends with until a localization names the module.
+LOCATE_ADVICE = (
+    "; check the backward of the operations between it and the loss "
+    "(tensors nearer the loss that pass narrow it down)"
+)
 
 #: Below this share of conclusive ("ok") entries a check that found no failure is "inconclusive".
 MIN_CONCLUSIVE_FRACTION = 0.25
@@ -41,6 +48,7 @@ class Entry:
     status: Status = "ok"
     candidate: bool = False
     replaced: bool = False
+    rechecked: bool = False
     loss_plus: float = 0.0
     loss_minus: float = 0.0
     step_plus: float = 0.0
@@ -189,8 +197,7 @@ def build_report(
                     message=(
                         f"autodiff gives {worst.analytic:.6g} for {rec.name} {where} but finite "
                         f"differences give {worst.numeric:.6g} (relative error {worst.rel:.3g} > "
-                        f"{tol.rtol:g}); check the backward of the operations between it and the loss "
-                        f"(tensors nearer the loss that pass narrow it down)"
+                        f"{tol.rtol:g}){LOCATE_ADVICE}"
                     ),
                 )
             )

@@ -25,6 +25,7 @@ from gradwatch.core.finite_diff import tolerances_for
 from gradwatch.core.unchecked import unchecked_report
 from gradwatch.report import CheckReport
 from gradwatch.torch.evaluate import NP_DTYPES, Evaluator, LossFn, host_rng_preserved, np_dtype
+from gradwatch.torch.localize import Localizer, float64_bytes, free_memory
 from gradwatch.torch.reference import OwnPass, compare, module_state_kept, own_pass
 from gradwatch.torch.substitute import Substituted
 from gradwatch.torch.twin import Twin, cast_batch, named_trainable, unwrap_module
@@ -42,7 +43,8 @@ class TorchChecker:
         model: Any ``torch.nn.Module`` (``torch.compile`` and DDP wrappers are unwrapped).
         loss_fn: ``loss_fn(module, batch) -> scalar tensor``.
         num_params: Coordinates per check (``coordinate`` mode).
-        mode: ``"coordinate"`` or ``"directional"``.
+        mode: ``"coordinate"``, ``"directional"`` or ``"modules"`` (each module's own backward
+            checked alone, :class:`~gradwatch.torch.localize.Localizer`).
         dtype: ``"float64"`` (a float64 twin), ``"float32"`` or ``None`` (the model's dtype).
         eps: Base step replacing ``cbrt(eps_machine)``.
         rtol: Tolerance; ``None`` for the dtype's default.
@@ -58,6 +60,9 @@ class TorchChecker:
         model_context: Entered around every call of ``loss_fn`` on the model itself (its own
             pass, and the checks that evaluate it when the copy is not its function): Lightning
             silences ``self.log`` there.
+        max_check_memory: Bytes the float64 copy may take (``None``: the free memory of the
+            model's device). A model whose copy would exceed it is checked module by module
+            (each module on a float64 copy of itself alone, as ``mode="modules"``).
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class TorchChecker:
         vectorize: bool | None = None,
         prepare: Callable[[nn.Module, nn.Module], None] | None = None,
         model_context: Callable[[], AbstractContextManager[Any]] | None = None,
+        max_check_memory: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -95,6 +101,10 @@ class TorchChecker:
         self.eps, self.rtol, self.seed = o.eps, o.rtol, o.seed
         self.include, self.exclude = o.include, o.exclude
         self.vectorize = v.check_optional_bool("vectorize", vectorize)
+        self.max_check_memory = v.check_positive_int(
+            "max_check_memory", max_check_memory, allow_none=True
+        )
+        self._localizer: Localizer | None = None
         #: Per-tensor choice of vmap or the loop, kept across checks.
         self.batching: dict[str, Batching] = {}
         self.model = unwrap_module(model)
@@ -159,6 +169,8 @@ class TorchChecker:
         started = time.perf_counter()
         rng = np.random.default_rng(self.seed if sample_seed is None else sample_seed)
         seed = int(rng.integers(2**62))
+        if self.mode == "modules" or self._too_large() is not None:
+            return self._check_modules(batch, seed, step, started)
         twin = self.twin()
         chosen = list(range(len(self.names))) if tensors is None else list(tensors)
 
@@ -185,6 +197,102 @@ class TorchChecker:
                 if report is not None:
                     return report
             return self._on_model(batch, seed, judge, step, started)
+
+    def _too_large(self) -> int | None:
+        """The memory limit, when a float64 copy is not built yet and would exceed it."""
+        if self.torch_dtype != torch.float64 or self._twin is not None:
+            return None
+        limit = self.max_check_memory
+        if limit is None:
+            limit = free_memory(next(self.model.parameters()).device)
+        return limit if limit is not None and float64_bytes(self.model) > limit else None
+
+    def _check_modules(
+        self, batch: Any, seed: int, step: int | None, started: float
+    ) -> CheckReport:
+        """Each module's own backward checked alone (``mode="modules"``, or a model whose float64
+        copy would exceed ``max_check_memory``: then module by module)."""
+        rtol = tolerances_for(np.dtype(np.float64), self.rtol).rtol
+        limit = self._too_large()
+        if limit is not None:
+            found = self._module_localizer(None, limit).localize(batch, seed=seed)
+            mode_note = (
+                []
+                if self.mode == "modules"
+                else [
+                    f"mode={self.mode!r} needs the float64 copy of the whole model: each "
+                    f"module's own backward was checked instead (as mode='modules')"
+                ]
+            )
+            return found.as_check(rtol=rtol, step=step, notes=mode_note)
+        twin = self.twin()
+        with host_rng_preserved():
+            if not twin.in_place and not self.copy_disagrees:
+                self._verify_copy(twin, batch, seed)
+            if self.copy_disagrees:
+                return self._modules_fallback(batch, seed, step, started)
+            if self._localizer is None:
+                self._localizer = self._module_localizer(twin, None)
+            found = self._localizer.localize(batch, seed=seed)
+        return found.as_check(rtol=rtol, step=step, notes=self._precision_note())
+
+    def _module_localizer(self, twin: Twin | None, limit: int | None) -> Localizer:
+        return Localizer(
+            self.model,
+            self.loss_fn,
+            seed=self.seed,
+            include=[p.pattern for p in self.include] or None,
+            exclude=[p.pattern for p in self.exclude] or None,
+            max_check_memory=limit,
+            twin=twin,
+            prepare=self.prepare,
+            rtol=self.rtol,
+            eps=self.eps,
+        )
+
+    def _verify_copy(self, twin: Twin, batch: Any, seed: int) -> None:
+        """Compare the copy's loss and gradients with the model's own pass (sets
+        :attr:`copy_disagrees` when the copy is not the model's function)."""
+        with twin.synced() as module:
+            evaluator = self._evaluator(module, batch, seed, vectorize=False)
+            try:
+                evaluator.compute_base()
+                if _finite(evaluator):
+                    self._own = self._own_pass(batch, seed)
+                    found = compare(self.names, evaluator.base_loss, evaluator.autodiff, self._own)
+                    self.agreement = found
+                    if not found.agrees:
+                        self.copy_disagrees = "the float64 copy's " + found.describe()
+            finally:
+                evaluator.restore_buffers()
+
+    def _modules_fallback(
+        self, batch: Any, seed: int, step: int | None, started: float
+    ) -> CheckReport:
+        """``mode="modules"`` on a model whose float64 copy is not its function: the whole
+        model checked by coordinates, with float64 tensors swapped into the model itself."""
+        rng = np.random.default_rng([self.seed, seed])
+        why = (
+            "mode='modules' checks the modules of the float64 copy, which is not the model's "
+            "function here, so this check fell back to mode='coordinate'"
+        )
+
+        def judge(evaluator: Evaluator, notes: list[str]) -> CheckReport:
+            return check_problem(
+                evaluator,
+                tensors=list(range(len(self.names))),
+                num_params=self.num_params,
+                mode="coordinate",
+                rng=rng,
+                rtol=self.rtol,
+                eps=self.eps,
+                step=step,
+                notes=[why, *notes],
+                started=started,
+                hint="check that loss_fn runs the model",
+            )
+
+        return self._on_model(batch, seed, judge, step, started)
 
     def _evaluator(self, module: nn.Module, batch: Any, seed: int, **kwargs: Any) -> Evaluator:
         lookup = dict(named_trainable(module, self.include, self.exclude))
@@ -335,12 +443,15 @@ def check_gradients(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     vectorize: bool | None = None,
+    max_check_memory: int | None = None,
 ) -> CheckReport:
     """Compare autodiff gradients of ``loss_fn(model, batch)`` with central finite differences.
 
     Every trainable tensor is checked: ``num_params`` coordinates in all, bigger tensors getting
     more and every tensor at least one (``mode="coordinate"``), or one random unit direction per
-    tensor (``mode="directional"``). The model is never changed.
+    tensor (``mode="directional"``). ``mode="modules"`` checks each module's own backward alone
+    instead (as :func:`~gradwatch.torch.localize` does): a failure names the module, and the
+    check costs about as much as a coordinate check or less. The model is never changed.
 
     Args:
         model: Any ``torch.nn.Module``.
@@ -348,7 +459,9 @@ def check_gradients(
             dtype, integer tensors (token ids, labels) are not.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         num_params: Coordinates in all (at least one per tensor).
-        mode: ``"coordinate"`` or ``"directional"``.
+        mode: ``"coordinate"``, ``"directional"`` or ``"modules"`` (then ``include`` /
+            ``exclude`` match module names, and entries are named ``module:input`` for an
+            input's direction, by full name for a parameter's).
         dtype: ``"float64"`` (default, a float64 copy), ``"float32"`` or ``None`` (the model's
             dtype, in place): float32 cannot see bugs smaller than about 40% of a gradient.
         eps: Replaces ``cbrt(eps_machine)`` in the step ``h = eps * max(1, |θ|)``.
@@ -359,6 +472,10 @@ def check_gradients(
         vectorize: ``None``: evaluate perturbations in batches with ``torch.func.vmap`` where
             that reproduces the loop's loss and is faster; ``False``: one at a time; ``True``:
             vmap wherever it works.
+        max_check_memory: Bytes the float64 copy may take (``None``: the free memory the
+            model's device reports). A model whose copy would exceed it is checked module by
+            module, each on a float64 copy of itself alone (as ``mode="modules"``; the report's
+            notes say so and name modules too large to check alone).
 
     Returns:
         A :class:`~gradwatch.CheckReport`; ``str(report)`` is a readable table.
@@ -387,6 +504,7 @@ def check_gradients(
         include=include,
         exclude=exclude,
         vectorize=vectorize,
+        max_check_memory=max_check_memory,
     )
     return checker.check(batch)
 

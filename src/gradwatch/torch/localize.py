@@ -131,6 +131,8 @@ class Localizer:
             would exceed it is checked module by module (see :meth:`localize`).
         twin: The float64 copy to compute on (the callback shares its checker's).
         prepare: Called as ``prepare(model, twin)`` once a twin is built here.
+        rtol: Tolerance of each module's check (``None``: the float64 default).
+        eps: Base finite-difference step (``None``: the default).
     """
 
     def __init__(
@@ -144,6 +146,8 @@ class Localizer:
         max_check_memory: int | None = None,
         twin: Twin | None = None,
         prepare: Callable[[nn.Module, nn.Module], None] | None = None,
+        rtol: float | None = None,
+        eps: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -161,6 +165,9 @@ class Localizer:
         self.model_dtype = named[0][1].dtype
         self._twin = twin
         self.prepare = prepare
+        self.rtol = v.check_positive_float("rtol", rtol, allow_none=True)
+        self.eps = v.check_positive_float("eps", eps, allow_none=True)
+        self._seed = self.seed
 
     def twin(self) -> Twin:
         """The (cached) float64 copy."""
@@ -180,15 +187,19 @@ class Localizer:
             return None  # the copy exists already
         return free_memory(next(self.model.parameters()).device)
 
-    def localize(self, batch: Any) -> LocalizationReport:
+    def localize(self, batch: Any, *, seed: int | None = None) -> LocalizationReport:
         """Check every module call on ``batch``; the model is left exactly as it was.
 
         When the float64 copy of the whole model would exceed :meth:`memory_limit`, the
         forward/backward that records the calls runs on the model itself in its own dtype, and
         each module is checked on a float64 copy of that module alone (inputs and cotangents cast
         to float64); modules whose own copy exceeds the limit are reported as skipped.
+
+        ``seed`` replaces the constructor's seed for this call (each check of a callback draws
+        its own directions).
         """
         started = time.perf_counter()
+        self._seed = self.seed if seed is None else v.check_seed(seed)
         limit = self.memory_limit()
         if limit is not None and self._twin is None and float64_bytes(self.model) > limit:
             return self._localize_by_module(batch, limit, started)
@@ -203,7 +214,7 @@ class Localizer:
                 params,
                 cast,
                 self.loss_fn,
-                self.seed,
+                self._seed,
                 torch.float64,
                 draw_dtype=self.model_dtype,
             )
@@ -228,7 +239,14 @@ class Localizer:
         model = self.model
         params = [p for _, p in named_trainable(model, [], [])]
         evaluator = Evaluator(
-            model, [], params, batch, self.loss_fn, self.seed, self.model_dtype, float64_guard=False
+            model,
+            [],
+            params,
+            batch,
+            self.loss_fn,
+            self._seed,
+            self.model_dtype,
+            float64_guard=False,
         )
         selected = [(n or ROOT, m) for n, m in model.named_modules()]
         selected = [(n, m) for n, m in selected if self._selected(n)]
@@ -303,7 +321,7 @@ class Localizer:
             reasons: list[str] = []
             for k, call in enumerate(mine):
                 report, reason, used = self._check_call(
-                    evaluator, call, (self.seed, index, k), limit
+                    evaluator, call, (self._seed, index, k), limit
                 )
                 evaluations += used
                 if report is not None:
@@ -337,7 +355,7 @@ class Localizer:
                 return None, f"too large to check alone ({size} bytes in float64)", 0
             call, computing = _float64_call(call, self.loss_fn, self.model_dtype)
         problem = LocalProblem(call, computing, lambda n: True, prefix)
-        return check_local(problem, seed)
+        return check_local(problem, seed, rtol=self.rtol, eps=self.eps)
 
 
 def _float64_call(

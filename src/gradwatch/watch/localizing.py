@@ -61,7 +61,8 @@ class FailureLocalizer:
 
         A localization that raises never stops training: ``warn`` gets ``"(Type: message)"``.
         """
-        if not any(e.kind in FAILING for e in events) or not self.due(agree):
+        # A check in mode="modules" names the module itself: nothing left to localize.
+        if not any(e.kind in FAILING and e.module is None for e in events) or not self.due(agree):
             return events, 0.0
         started = time.perf_counter()
         try:

@@ -1,0 +1,131 @@
+"""check_gradients(mode="modules") and max_check_memory: each module's own backward as the check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradwatch import GradientCheckError
+from gradwatch.torch import _compat, assert_gradients, check_gradients
+from gradwatch.torch.checker import TorchChecker
+from gradwatch.torch.localize import float64_bytes
+from tests.helpers.localize_models import (
+    CNN_CULPRITS,
+    TRANSFORMER_CULPRIT,
+    LocCNN,
+    cnn_batch,
+    cnn_loss,
+    demo_transformer,
+    lm_loss,
+    token_batch,
+)
+from tests.helpers.real_code import Decoder, ScaledReLU, regression_step, sequence_batch
+
+
+@pytest.mark.parametrize("bug", sorted(CNN_CULPRITS))
+def test_each_planted_bug_fails_with_one_event_naming_its_module(bug):
+    torch.manual_seed(1)
+    report = check_gradients(LocCNN(bug), cnn_batch(), cnn_loss, mode="modules")
+    assert report.verdict == "fail" and report.mode == "modules", str(report)
+    failing = [e for e in report.events if e.kind in ("mismatch", "disconnected")]
+    assert [e.module for e in failing] == [CNN_CULPRITS[bug]], str(report)
+    assert failing[0].message.startswith(f"the backward of {CNN_CULPRITS[bug]} (")
+    assert "nearer the loss" not in failing[0].message  # the module is named: no generic advice
+    if bug == "detached":
+        assert failing[0].kind == "disconnected"
+
+
+def test_a_correct_cnn_passes_and_entries_name_module_inputs_and_parameters():
+    torch.manual_seed(1)
+    report = check_gradients(LocCNN(), cnn_batch(), cnn_loss, mode="modules")
+    assert report.verdict == "pass" and not report.events, str(report)
+    assert report.max_rel_error < 1e-6
+    params = set(report.params)
+    assert {"block2.act:input", "block1.conv.weight", "head.bias"} <= params, params
+    assert "module evaluations" in str(report) and report.evaluations > 0
+
+
+def test_the_demo_transformer_bug_is_named_and_the_correct_one_passes():
+    bad = check_gradients(demo_transformer(bug=True), token_batch(), lm_loss, mode="modules")
+    assert bad.verdict == "fail"
+    assert {e.module for e in bad.events} == {TRANSFORMER_CULPRIT}, str(bad)
+    good = check_gradients(demo_transformer(bug=False), token_batch(), lm_loss, mode="modules")
+    assert good.verdict == "pass", str(good)
+
+
+def test_assert_gradients_names_the_module():
+    torch.manual_seed(1)
+    with pytest.raises(GradientCheckError, match=r"block2\.act \(MyGELU\)"):
+        assert_gradients(LocCNN("activation"), cnn_batch(), cnn_loss, mode="modules")
+
+
+def test_the_model_is_left_exactly_as_it_was():
+    torch.manual_seed(1)
+    model = LocCNN("norm")
+    batch = cnn_batch()
+    cnn_loss(model, batch).backward()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    check_gradients(model, batch, cnn_loss, mode="modules")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_mode_modules_needs_float64_and_the_mode_error_lists_it():
+    with pytest.raises(ValueError, match=r"dtype must be 'float64' with mode='modules'.*'float32'"):
+        check_gradients(LocCNN(), cnn_batch(), cnn_loss, mode="modules", dtype="float32")
+    with pytest.raises(ValueError, match=r"'coordinate', 'directional', 'modules'; got 'layer'"):
+        check_gradients(LocCNN(), cnn_batch(), cnn_loss, mode="layer")
+
+
+def test_each_check_of_a_reused_checker_draws_its_own_directions():
+    torch.manual_seed(1)
+    checker = TorchChecker(LocCNN(), cnn_loss, mode="modules")
+    first = checker.check(cnn_batch(), sample_seed=1)
+    second = checker.check(cnn_batch(), sample_seed=2)
+    assert first.verdict == second.verdict == "pass"
+    assert [r.analytic for r in first.results] != [r.analytic for r in second.results]
+
+
+def test_a_copy_that_is_not_the_models_function_falls_back_to_coordinates(monkeypatch):
+    # The local checks run on the float64 copy's modules: when the copy is not the model's
+    # function they would check something else, so the check says so and uses coordinates.
+    monkeypatch.setattr(_compat, "unshadow_submodules", lambda original, copy: 0)
+    torch.manual_seed(0)
+    report = check_gradients(
+        Decoder(ScaledReLU(0.9)), sequence_batch(), regression_step, mode="modules"
+    )
+    assert report.verdict == "fail", str(report)
+    assert any("fell back to mode='coordinate'" in n for n in report.notes), report.notes
+    assert all(r.index is not None for r in report.results)  # coordinates, not directions
+
+
+@pytest.mark.parametrize("bug", ["activation", None])
+def test_a_model_over_max_check_memory_is_checked_module_by_module(bug):
+    torch.manual_seed(1)
+    model = LocCNN(bug)
+    limit = float64_bytes(model.block1) + 8  # block1 fits alone; block2, head, the model do not
+    assert float64_bytes(model) > limit
+    report = check_gradients(model, cnn_batch(), cnn_loss, max_check_memory=limit)
+    assert report.mode == "modules", str(report)
+    assert any("checked module by module" in n for n in report.notes), report.notes
+    assert any("needs the float64 copy of the whole model" in n for n in report.notes)
+    assert any("too large to check alone" in n for n in report.notes)
+    if bug:
+        assert [e.module for e in report.events] == ["block2.act"], str(report)
+    else:
+        assert report.verdict == "pass", str(report)
+    assert all(p.dtype is torch.float32 and p.grad is None for p in model.parameters())
+
+
+def test_a_model_within_max_check_memory_is_checked_as_asked():
+    torch.manual_seed(1)
+    model = LocCNN()
+    report = check_gradients(
+        model, cnn_batch(), cnn_loss, max_check_memory=10 * float64_bytes(model)
+    )
+    assert report.mode == "coordinate" and report.verdict == "pass"
+    with pytest.raises(ValueError, match="max_check_memory"):
+        check_gradients(model, cnn_batch(), cnn_loss, max_check_memory=-1)
