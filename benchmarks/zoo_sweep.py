@@ -18,6 +18,7 @@ Three parts:
 Every false alarm, miss and wrong culprit is listed with its model, seed, tensor and error.
 
 Run: python benchmarks/zoo_sweep.py [--quick] [--seeds 20] [--parts zoo,library,cost]
+[--modes coordinate,directional,modules]
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from gradwatch import CheckReport, LocalizationReport
 from gradwatch.torch import check_gradients, localize
 from gradwatch.torch.checker import TorchChecker
 
-MODES = ("coordinate", "directional")
+MODES = ("coordinate", "directional", "modules")
 
 #: Curated-zoo bug → the module ``localize`` must name (``BuggyNet``: ``first`` or ``act``).
 ZOO_CULPRITS = {
@@ -84,8 +85,11 @@ def failures(r: CheckReport) -> str:
     return "; ".join(parts) or ", ".join(f"{e.kind} {e.param}" for e in r.events) or "none"
 
 
-def caught(r: CheckReport, kind: str, param: str | None) -> bool:
-    """Whether ``r`` raised an event of ``kind`` (on ``param``, when given)."""
+def caught(r: CheckReport, kind: str, param: str | None, module: str) -> bool:
+    """Whether ``r`` raised an event of ``kind`` (on ``param``, when given); in
+    ``mode="modules"``: a failure event naming ``module``, the module that holds the bug."""
+    if r.mode == "modules":
+        return any(e.kind in ("mismatch", "disconnected") and e.module == module for e in r.events)
     return any(e.kind == kind and (param is None or e.param == param) for e in r.events)
 
 
@@ -109,14 +113,14 @@ def located(loc: LocalizationReport, where: str) -> str:
 # --- the curated zoo ------------------------------------------------------------------------------
 
 
-def sweep(seeds: int) -> None:
+def sweep(seeds: int, modes: tuple[str, ...]) -> None:
     print(f"## curated zoo ({seeds} seeds)\n")
     rows = []
     loc_right: dict[str, int] = defaultdict(int)
     loc_caught: dict[str, int] = defaultdict(int)
     check_s: list[float] = []
     loc_s: list[float] = []
-    for mode in MODES:
+    for mode in modes:
         runs = fails = inconclusive = 0
         worst = 0.0
         for seed in range(seeds):
@@ -136,7 +140,7 @@ def sweep(seeds: int) -> None:
                 batch = make_batch("mlp", seed)
                 r, seconds = timed(check_gradients, model, batch, classify, mode=mode, seed=seed)
                 total += 1
-                hit = caught(r, kind, param)
+                hit = caught(r, kind, param, ZOO_CULPRITS[name])
                 found += hit
                 if not hit:
                     FINDINGS.append(
@@ -243,7 +247,7 @@ def library(seeds: int, modes: tuple[str, ...]) -> None:
                     r, seconds = timed(
                         check_gradients, model, batch, case.loss, mode=mode, seed=seed
                     )
-                    hit = caught(r, kind, param)
+                    hit = caught(r, kind, param, where)
                     hits += hit
                     by_kind[bug, mode][0] += hit
                     by_kind[bug, mode][1] += 1
@@ -311,7 +315,7 @@ def library(seeds: int, modes: tuple[str, ...]) -> None:
 # --- cost in training steps -----------------------------------------------------------------------
 
 
-def cost(repeats: int = 7) -> None:
+def cost(repeats: int, modes: tuple[str, ...]) -> None:
     print("## one default check in training steps (1 thread)\n")
     rows = []
     for name, model, kind in (("MLP", MLP(), "mlp"), ("CNN", CNN(), "cnn")):
@@ -323,7 +327,7 @@ def cost(repeats: int = 7) -> None:
             classify(model, batch).backward()
             opt.step()
 
-        for mode in MODES:
+        for mode in modes:
             steps, checks = [], []
             for _ in range(repeats):
                 t = time.perf_counter()
@@ -347,19 +351,21 @@ if __name__ == "__main__":
         "--quick", action="store_true", help="5 seeds, 3 cost repeats: a few minutes on 2 CPU cores"
     )
     ap.add_argument("--parts", default="zoo,library,cost", help="comma-separated parts to run")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated check modes")
     ap.add_argument("--no-cost", action="store_true", help="skip the cost measurement")
     args = ap.parse_args()
     seeds = args.seeds or (5 if args.quick else 20)
     parts = set(args.parts.split(","))
+    modes = tuple(args.modes.split(","))
     torch.set_num_threads(1)
     started = time.perf_counter()
     print(f"torch {torch.__version__}, 1 thread; {' '.join(sys.argv)}\n")
     if "zoo" in parts:
-        sweep(seeds)
+        sweep(seeds, modes)
     if "library" in parts:
-        library(seeds, MODES)
+        library(seeds, modes)
     if "cost" in parts and not args.no_cost:
-        cost(3 if args.quick else 7)
+        cost(3 if args.quick else 7, modes)
     print(f"## findings ({len(FINDINGS)})\n")
     for line in FINDINGS:
         print(f"- {line}")

@@ -241,7 +241,10 @@ def test_seed_makes_sampling_reproducible_and_different_seeds_differ():
     ("kwargs", "match"),
     [
         ({"num_params": 0}, "num_params must be an integer >= 1, got 0"),
-        ({"mode": "random"}, "mode must be one of 'coordinate', 'directional', 'modules'; got 'random'"),
+        (
+            {"mode": "random"},
+            "mode must be one of 'coordinate', 'directional', 'modules'; got 'random'",
+        ),
         ({"dtype": "float16"}, "dtype must be one of 'float64', 'float32', None; got 'float16'"),
         ({"eps": -1.0}, "eps must be a finite number > 0"),
         ({"include": "(["}, "include has an invalid regular expression"),

@@ -21,8 +21,10 @@ import numpy.typing as npt
 from gradwatch import options as v
 from gradwatch.core.assertion import raise_unless_verified
 from gradwatch.core.check import Perturbation, check_problem
+from gradwatch.core.finite_diff import tolerances_for
 from gradwatch.keras.backend import to_numpy, torch_rng, value_and_grad
 from gradwatch.keras.twin import Float64Evaluation, compiled_loss, model_dtype
+from gradwatch.localization import LocalizationReport
 from gradwatch.report import CheckReport
 
 __all__ = [
@@ -147,7 +149,8 @@ class KerasChecker:
         loss: Anything ``model.compile(loss=...)`` accepts; default the model's compiled loss.
         loss_fn: ``loss_fn(model, data) -> scalar`` checked instead of a loss, ``data`` as
             ``train_step`` receives it (for models with their own ``train_step``).
-        num_params, mode, dtype, eps, rtol, seed, include, exclude: as :func:`check_gradients`.
+        num_params, mode, dtype, eps, rtol, seed, include, exclude, max_check_memory: as
+            :func:`check_gradients`.
     """
 
     def __init__(
@@ -164,6 +167,7 @@ class KerasChecker:
         seed: int = 0,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
+        max_check_memory: int | None = None,
     ) -> None:
         if not isinstance(model, keras.Model):
             raise ValueError(f"model must be a keras.Model, got {type(model).__name__}")
@@ -180,6 +184,12 @@ class KerasChecker:
             exclude=exclude,
         )
         self.num_params, self.mode, dt = o.num_params, o.mode, o.dtype
+        self.max_check_memory = v.check_positive_int(
+            "max_check_memory", max_check_memory, allow_none=True
+        )
+        #: The layer-by-layer check of ``mode="modules"`` (built at the first check).
+        self._localizer: Any = None
+        self._patterns = (include, exclude)
         self.eps, self.rtol, self.seed = o.eps, o.rtol, o.seed
         inc, exc = o.include, o.exclude
         if not model.built:
@@ -268,6 +278,8 @@ class KerasChecker:
         started = time.perf_counter()
         rng = np.random.default_rng(self.seed if sample_seed is None else sample_seed)
         eval_seed = int(rng.integers(2**31))
+        if self.mode == "modules" or self._too_large():
+            return self._check_layers(x, y, sample_weight, data, step, eval_seed)
         chosen = list(range(len(self.names))) if tensors is None else list(tensors)
         if self.loss_fn is not None:
             batch = data if data is not None else _pack(x, y, sample_weight)
@@ -287,6 +299,46 @@ class KerasChecker:
             started=started,
             framework="keras",
         )
+
+    def _too_large(self) -> bool:
+        """Whether float64 values of the model's weights would exceed ``max_check_memory``."""
+        if self.max_check_memory is None or self.dtype_name != "float64":
+            return False
+        need = sum(int(np.prod(w.shape)) * 8 for w in self.model.weights)
+        return need > self.max_check_memory
+
+    def _check_layers(
+        self, x: Any, y: Any, sample_weight: Any, data: Any, step: int | None, seed: int
+    ) -> CheckReport:
+        """``mode="modules"``: each layer's own backward checked alone
+        (:class:`~gradwatch.keras.localize.KerasLocalizer`), as a check report."""
+        if self._localizer is None:
+            from gradwatch.keras.localize import KerasLocalizer
+
+            include, exclude = self._patterns
+            self._localizer = KerasLocalizer(
+                self.model,
+                loss=self.loss,
+                loss_fn=self.loss_fn,
+                seed=self.seed,
+                include=include,
+                exclude=exclude,
+                max_check_memory=self.max_check_memory,
+                rtol=self.rtol,
+                eps=self.eps,
+            )
+        found: LocalizationReport = self._localizer.localize(
+            x, y, sample_weight, data=data, seed=seed
+        )
+        rtol = tolerances_for(np.dtype(np.float64), self.rtol).rtol
+        notes = list(self.notes)
+        if self.mode != "modules":
+            notes.append(
+                f"mode={self.mode!r} needs float64 values of every weight, over "
+                f"max_check_memory={self.max_check_memory}: each layer's own backward was "
+                f"checked instead (as mode='modules')"
+            )
+        return found.as_check(rtol=rtol, step=step, notes=notes)
 
 
 def _pack(x: Any, y: Any, sample_weight: Any) -> Any:
@@ -313,6 +365,7 @@ def check_gradients(
     seed: int = 0,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
+    max_check_memory: int | None = None,
 ) -> CheckReport:
     """Compare a Keras model's autodiff gradients with central finite differences.
 
@@ -328,7 +381,12 @@ def check_gradients(
         sample_weight: Optional sample weights.
         loss: Anything ``model.compile(loss=...)`` accepts.
         num_params, mode, dtype, eps, rtol, seed, include, exclude: as
-            :func:`gradwatch.torch.check_gradients`; ``include``/``exclude`` match variable paths.
+            :func:`gradwatch.torch.check_gradients`; ``include``/``exclude`` match variable paths
+            (layer paths such as ``block.act`` in ``mode="modules"``, which checks each layer's
+            own backward alone, as :func:`gradwatch.keras.localize` does; TensorFlow backend).
+        max_check_memory: Bytes the float64 values of the weights may take (``None``: no
+            limit); over it, each layer is checked alone, as :func:`gradwatch.keras.localize`
+            does under the same limit.
 
     Raises:
         ValueError: An uncompiled model without ``loss=``, an unbuilt model, bad arguments.
@@ -344,6 +402,7 @@ def check_gradients(
         seed=seed,
         include=include,
         exclude=exclude,
+        max_check_memory=max_check_memory,
     )
     return checker.check(x, y, sample_weight)
 

@@ -124,6 +124,8 @@ class KerasLocalizer:
         include: Regular expression(s) on layer names (``block.act``): check only these.
         exclude: Regular expression(s) on layer names: skip these.
         max_check_memory: Bytes the check may use (``None``: no limit is applied on Keras).
+        rtol: Tolerance of each layer's check (``None``: the float64 default).
+        eps: Base finite-difference step (``None``: the default).
     """
 
     def __init__(
@@ -136,8 +138,12 @@ class KerasLocalizer:
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         max_check_memory: int | None = None,
+        rtol: float | None = None,
+        eps: float | None = None,
     ) -> None:
-        self.seed = v.check_seed(seed)
+        self.seed = self._seed = v.check_seed(seed)
+        self.rtol = v.check_positive_float("rtol", rtol, allow_none=True)
+        self.eps = v.check_positive_float("eps", eps, allow_none=True)
         self.include = v.compile_patterns("include", include)
         self.exclude = v.compile_patterns("exclude", exclude)
         self.max_check_memory = v.check_positive_int(
@@ -151,11 +157,19 @@ class KerasLocalizer:
         self.loss_fn = loss_fn
 
     def localize(
-        self, x: Any, y: Any = None, sample_weight: Any = None, *, data: Any = None
+        self,
+        x: Any,
+        y: Any = None,
+        sample_weight: Any = None,
+        *,
+        data: Any = None,
+        seed: int | None = None,
     ) -> LocalizationReport:
         """Check every layer call on ``(x, y, sample_weight)`` (with ``loss_fn``: on ``data``
-        as ``train_step`` receives it, default the three packed); the model is left as it was."""
+        as ``train_step`` receives it, default the three packed); the model is left as it was.
+        ``seed`` replaces the constructor's seed of the directions for this call."""
         started = time.perf_counter()
+        self._seed = self.seed if seed is None else v.check_seed(seed)
         if self.checker is None:
             why = f"localize is unsupported on the {self.backend} backend (TensorFlow only)"
             return LocalizationReport(None, (), (), ((ROOT, why),), notes=(why,))
@@ -256,7 +270,9 @@ class KerasLocalizer:
                         reasons.append("its output does not reach the loss")
                     continue
                 problem = LayerProblem(call, own, inner, base, active)
-                report, reason, used = check_local(problem, (self.seed, index, k), "keras")
+                report, reason, used = check_local(
+                    problem, (self._seed, index, k), "keras", rtol=self.rtol, eps=self.eps
+                )
                 evaluations += used
                 if report is not None:
                     reports.append(report)
