@@ -129,3 +129,21 @@ def test_a_model_within_max_check_memory_is_checked_as_asked():
     assert report.mode == "coordinate" and report.verdict == "pass"
     with pytest.raises(ValueError, match="max_check_memory"):
         check_gradients(model, cnn_batch(), cnn_loss, max_check_memory=-1)
+
+
+def test_a_sparse_embedding_gradient_is_checked_not_skipped():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 4, sparse=True)
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.emb(x).mean(1))
+
+    torch.manual_seed(0)
+    batch = torch.randint(0, 20, (5, 3))
+    report = check_gradients(Net(), batch, lambda m, x: m(x).pow(2).sum(), mode="modules")
+    assert report.verdict == "pass", str(report)
+    assert {"emb.weight", "<model>:<submodule parameters>"} <= set(report.params), str(report)
+    assert not any("not checked" in n for n in report.notes), report.notes

@@ -218,7 +218,13 @@ class LocalProblem:
                 grads = list(torch.autograd.grad(f, wrt, allow_unused=True))
         self._base = float(f.detach().item())
         n_fixed = len(self.input_slots) + len(self.own)
-        host = [None if g is None else g.detach().cpu().double().numpy() for g in grads]
+        # An embedding with sparse=True gets a sparse weight gradient: compare it densely.
+        host = [
+            None
+            if g is None
+            else (g.to_dense() if g.layout != torch.strided else g).detach().cpu().double().numpy()
+            for g in grads
+        ]
         self._grads = list(host[:n_fixed])
         if self.inner:
             rest = host[n_fixed:]
