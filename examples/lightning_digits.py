@@ -6,7 +6,7 @@ the logs have several), logs per-layer gradient norms and relative errors, and r
 this healthy model. One custom layer, ``ScaledTanh``, is hand-written with its own backward; pass
 ``--bug`` to break that backward and watch GradWatch catch it during ``fit``.
 
-Run: python examples/lightning_digits.py [--bug] [--logdir runs/digits]
+Run: python examples/lightning_digits.py [--bug] [--logdir runs/digits] [--mode modules]
 """
 
 from __future__ import annotations
@@ -91,12 +91,18 @@ def main() -> None:
     ap.add_argument("--bug", action="store_true", help="break the custom layer's backward")
     ap.add_argument("--logdir", default="runs/digits")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument(
+        "--mode",
+        default="coordinate",
+        choices=["coordinate", "directional", "modules"],
+        help="how each check compares gradients (modules: each module's backward alone)",
+    )
     args = ap.parse_args()
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
     L.seed_everything(0, verbose=False)
-    watch = GradWatch(check_every_n_steps=25)
+    watch = GradWatch(check_every_n_steps=25, mode=args.mode)
     logger = TensorBoardLogger(args.logdir, name="lightning")
     trainer = L.Trainer(
         max_epochs=args.epochs,

@@ -168,3 +168,14 @@ def test_a_transformer_layer_copy_keeps_its_module_activation():
     assert isinstance(layer.activation, MyGELU)
     report = localize(model, token_batch(), lm_loss, include="decoder.layers.1")
     assert report.culprit == TRANSFORMER_CULPRIT
+
+
+def test_a_batchnorm_in_training_mode_is_checked_alone_not_skipped():
+    # BatchNorm's backward holds its running statistics: they are put back after it, not before.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2)).train()
+    stats = [b.clone() for b in model.buffers()]
+    report = localize(model, torch.randn(8, 5), lambda m, x: m(x).pow(2).mean())
+    assert report.skipped == (), report.skipped
+    assert report.result("1").verdict == "pass" and report.result("<model>").verdict == "pass"
+    assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers(), strict=True))

@@ -210,12 +210,17 @@ class LocalProblem:
         leaves = [x.clone() for x in self.inputs]
         for k in self.input_slots:
             leaves[k].requires_grad_(True)
-        with torch.enable_grad():
-            f = self._evaluate({}, leaves)
-            wrt = [leaves[k] for k in self.input_slots] + [p for _, p in self.own] + self.inner
-            grads: list[torch.Tensor | None] = [None] * len(wrt)
-            if f.requires_grad:
-                grads = list(torch.autograd.grad(f, wrt, allow_unused=True))
+        # The buffers are put back only after the backward: BatchNorm's backward holds its
+        # running statistics and refuses to run once they were written in place.
+        try:
+            with torch.enable_grad():
+                f = self._evaluate({}, leaves, restore_buffers=False)
+                wrt = [leaves[k] for k in self.input_slots] + [p for _, p in self.own] + self.inner
+                grads: list[torch.Tensor | None] = [None] * len(wrt)
+                if f.requires_grad:
+                    grads = list(torch.autograd.grad(f, wrt, allow_unused=True))
+        finally:
+            self._restore_buffers()
         self._base = float(f.detach().item())
         n_fixed = len(self.input_slots) + len(self.own)
         # An embedding with sparse=True gets a sparse weight gradient: compare it densely.
@@ -241,8 +246,11 @@ class LocalProblem:
         self,
         perturbed: dict[int, npt.NDArray[np.floating[Any]]],
         leaves: list[torch.Tensor] | None = None,
+        *,
+        restore_buffers: bool = True,
     ) -> torch.Tensor:
-        """``<cotangent, module(inputs; params)>`` with some slots set to perturbed values."""
+        """``<cotangent, module(inputs; params)>`` with some slots set to perturbed values
+        (``restore_buffers=False``: the caller puts the buffers back after its backward)."""
         self.evaluations += 1
         call = self.call
         if leaves is None:
@@ -266,7 +274,8 @@ class LocalProblem:
             with torch.no_grad():
                 for p, kept in saved:
                     p.copy_(kept)
-            self._restore_buffers()
+            if restore_buffers:
+                self._restore_buffers()
 
     def _write(
         self,
