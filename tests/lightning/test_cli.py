@@ -79,5 +79,5 @@ def test_help_lists_the_choices(capsys):
         )
     out = capsys.readouterr().out
     assert "{ignore,warn,halt,raise}" in out
-    assert "{coordinate,directional}" in out
+    assert "{coordinate,directional,modules}" in out
     assert "Optional[Literal['float64', 'float32']]" in out

@@ -56,6 +56,8 @@ def test_default_schedule_is_agreed_across_ranks(tmp_path):
     assert ranks[0]["checks"] == ranks[1]["checks"]
     assert ranks[0]["checks"][0] == 0
     assert ranks[0]["events"] == [] and ranks[1]["events"] == []
+    # one reading of the free memory for both ranks: neither goes module by module alone
+    assert ranks[0]["max_check_memory"] == ranks[1]["max_check_memory"] > 0
 
 
 def test_nonfinite_halt_is_agreed_and_skips_the_update_on_both_ranks(tmp_path):
@@ -65,3 +67,14 @@ def test_nonfinite_halt_is_agreed_and_skips_the_update_on_both_ranks(tmp_path):
     assert ranks[0]["finite"] and ranks[1]["finite"]
     for r in (0, 1):
         assert [(e["kind"], e["step"]) for e in ranks[r]["events"]] == [("nonfinite", 4)]
+
+
+def test_mode_modules_names_the_module_buggy_on_one_rank_and_both_halt(tmp_path):
+    code, ranks = run("modules", tmp_path)
+    assert code == 0
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 1
+    # rank 1's own check names the module; rank 0 passed and learned of it from rank 1
+    assert ranks[1]["verdicts"] == ["fail"] and ranks[1]["modules"] == [["net.0"]]
+    assert ranks[0]["verdicts"] == ["pass"]
+    for r in (0, 1):
+        assert any(e["kind"] == "mismatch" for e in ranks[r]["events"]), ranks[r]["events"]

@@ -1,6 +1,6 @@
 """Standalone DDP run for tests/test_lightning_ddp.py (Lightning re-launches this file per rank).
 
-Usage: python tests/scripts/ddp_script.py MODE OUTDIR, MODE in {halt, raise, budget, nan}.
+Usage: python tests/scripts/ddp_script.py MODE OUTDIR, MODE in {halt, raise, budget, nan, modules}.
 Writes OUTDIR/rank{R}.json with what that rank saw.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
+from lightning.pytorch import Callback
 from torch import nn
 
 from gradwatch import GradientCheckError
@@ -46,17 +47,30 @@ class NaNOnRank1(Classifier):
 def main() -> None:
     mode, outdir = sys.argv[1], Path(sys.argv[2])
     torch.manual_seed(0)
-    buggy = mode in ("halt", "raise")
+    buggy = mode in ("halt", "raise", "modules")
     first = RankBug() if buggy else nn.Linear(12, 16)
     net = nn.Sequential(first, nn.Tanh(), nn.BatchNorm1d(16), nn.Linear(16, 4))
     if mode == "budget":
         cb = GradWatch(max_overhead=0.5)
+    elif mode == "modules":
+        cb = GradWatch(check_every_n_steps=3, mode="modules", on_mismatch="halt")
     elif mode == "nan":
         cb = GradWatch(enable_checks=False)  # on_nonfinite="halt"
     else:
         cb = GradWatch(check_every_n_steps=3, on_mismatch=mode)
+    seen: dict[str, object] = {}
+
+    class Seen(Callback):
+        def on_train_end(self, trainer, pl_module):  # before GradWatch's teardown
+            seen["max_check_memory"] = cb._rerun.max_check_memory if cb._rerun else None
+
     t = trainer(
-        callbacks=[cb], devices=2, strategy="ddp", max_steps=12, max_epochs=50, deterministic=False
+        callbacks=[cb, Seen()],
+        devices=2,
+        strategy="ddp",
+        max_steps=12,
+        max_epochs=50,
+        deterministic=False,
     )
     record: dict[str, object] = {}
     module = NaNOnRank1(net) if mode == "nan" else Classifier(net)
@@ -72,6 +86,8 @@ def main() -> None:
         checks=[r.step for r in cb.reports],
         verdicts=[r.verdict for r in cb.reports],
         finite=all(bool(torch.isfinite(p).all()) for p in module.parameters()),
+        modules=[sorted({e.module for e in r.events if e.module}) for r in cb.reports],
+        max_check_memory=seen.get("max_check_memory"),
     )
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / f"rank{rank}.json").write_text(json.dumps(record))

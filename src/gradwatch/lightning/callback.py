@@ -46,6 +46,7 @@ from gradwatch.options import (
 )
 from gradwatch.report import CheckReport
 from gradwatch.torch import _compat as torch_compat
+from gradwatch.torch.localize import free_memory
 from gradwatch.torch.twin import clean_name, uncastable
 from gradwatch.watch import tags
 from gradwatch.watch.watcher import HEALTH_BLOCK, Watcher, WatchRecords
@@ -57,6 +58,8 @@ _FIX = (
     "pass GradWatch(loss_fn=lambda module, batch: ...) that a float64 copy of the module can "
     "run, or enable_checks=False"
 )
+#: ``max_check_memory`` when no device reports its free memory: no limit.
+NO_LIMIT = 2**62
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
@@ -227,6 +230,14 @@ class GradWatch(WatchRecords, Callback):
         w.start({n: tuple(p.shape) for n, p in params})
         self._rerun = Rerun(trainer, pl_module, self.config, self.loss_fn)
         self._localizer = FailureLocalizer(self.config.max_overhead)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.world_size > 1 and self._rerun is not None and self._watcher.checks_on:
+            # Whether the float64 copy fits decides how a check runs: one reading for all ranks
+            # (rank zero's, once the module is on its device), or ranks would run different passes.
+            device = next(pl_module.parameters()).device
+            free = trainer.strategy.broadcast(free_memory(device), src=0)
+            self._rerun.max_check_memory = int(free) if free is not None else NO_LIMIT
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int

@@ -123,6 +123,10 @@ class Rerun:
         self.batch_idx = 0
         self._checker: TorchChecker | None = None
         self._localizer: Localizer | None = None
+        #: Bytes the float64 copy may take (``None``: the free memory of the module's device,
+        #: read at the first check). Under DDP the callback sets rank zero's reading for every
+        #: rank, so no rank switches to module-by-module checks alone.
+        self.max_check_memory: int | None = None
 
     def checker(self) -> TorchChecker:
         """The (cached) checker; its float64 twin is built on first use."""
@@ -136,6 +140,7 @@ class Rerun:
                 vectorize=False if self.trainer.world_size > 1 else None,
                 prepare=lambda model, twin: prepare_twin(self.trainer, twin),
                 model_context=lambda: borrowed(self.module),
+                max_check_memory=self.max_check_memory,
             )
         return self._checker
 
