@@ -65,3 +65,11 @@ def test_a_fit_in_mode_modules_names_the_layer():
     assert [r.mode for r in cb.reports] == ["modules"]
     assert {e.module for e in cb.events if e.kind == "mismatch"} == {"act"}
     assert cb.localizations == []  # the check named the layer itself
+
+
+def test_include_selects_layers_by_path_in_mode_modules():
+    keras.utils.set_random_seed(1)
+    report = check_gradients(functional_bug("scaled"), *_batch(), mode="modules", include="^act$")
+    assert report.params == ("act:input",), str(report)
+    with pytest.raises(ValueError, match="left no layer to check"):
+        check_gradients(functional_bug(None), *_batch(), mode="modules", include="nothing")

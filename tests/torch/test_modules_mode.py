@@ -147,3 +147,14 @@ def test_a_sparse_embedding_gradient_is_checked_not_skipped():
     assert report.verdict == "pass", str(report)
     assert {"emb.weight", "<model>:<submodule parameters>"} <= set(report.params), str(report)
     assert not any("not checked" in n for n in report.notes), report.notes
+
+
+def test_include_selects_modules_by_name_and_a_pattern_matching_none_is_an_error():
+    torch.manual_seed(1)
+    report = check_gradients(
+        LocCNN("activation"), cnn_batch(), cnn_loss, mode="modules", include=r"^block2\.act$"
+    )
+    assert report.params == ("block2.act:input",), str(report)
+    assert [e.module for e in report.events] == ["block2.act"]
+    with pytest.raises(ValueError, match=r"include/exclude left no module to check"):
+        check_gradients(LocCNN(), cnn_batch(), cnn_loss, mode="modules", include="nothing")

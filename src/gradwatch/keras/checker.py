@@ -206,6 +206,11 @@ class KerasChecker:
         trainable = [w for w in model.trainable_variables if "float" in str(w.dtype)]
         if not trainable:
             raise ValueError("the model has no trainable floating-point variables to check")
+        if self.mode == "modules":  # the patterns select layers (by path) there
+            from gradwatch.keras.localize import layer_tree
+
+            v.check_selection([n for n, _ in layer_tree(model)], inc, exc, what="layer")
+            inc, exc = [], []
         v.check_selection([w.path for w in trainable], inc, exc, what="variable")
         chosen = [i for i, w in enumerate(trainable) if v.selected(w.path, inc, exc)]
         own_dtype = model_dtype(model)

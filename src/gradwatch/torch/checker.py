@@ -8,6 +8,7 @@ that pays) and judges them with the framework-free engine (:func:`gradwatch.core
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -23,6 +24,7 @@ from gradwatch.core.check import check_problem
 from gradwatch.core.fidelity import Agreement
 from gradwatch.core.finite_diff import tolerances_for
 from gradwatch.core.unchecked import unchecked_report
+from gradwatch.localization import ROOT
 from gradwatch.report import CheckReport
 from gradwatch.torch.evaluate import NP_DTYPES, Evaluator, LossFn, host_rng_preserved, np_dtype
 from gradwatch.torch.localize import Localizer, float64_bytes, free_memory
@@ -100,6 +102,12 @@ class TorchChecker:
         self.num_params, self.mode, self.dtype_name = o.num_params, o.mode, o.dtype
         self.eps, self.rtol, self.seed = o.eps, o.rtol, o.seed
         self.include, self.exclude = o.include, o.exclude
+        #: ``include``/``exclude`` of ``mode="modules"``: they select modules by name there,
+        #: and every parameter takes part in verifying the float64 copy.
+        self.module_patterns: tuple[list[re.Pattern[str]], list[re.Pattern[str]]] = ([], [])
+        if self.mode == "modules":
+            self.module_patterns = (self.include, self.exclude)
+            self.include, self.exclude = [], []
         self.vectorize = v.check_optional_bool("vectorize", vectorize)
         self.max_check_memory = v.check_positive_int(
             "max_check_memory", max_check_memory, allow_none=True
@@ -108,6 +116,9 @@ class TorchChecker:
         #: Per-tensor choice of vmap or the loop, kept across checks.
         self.batching: dict[str, Batching] = {}
         self.model = unwrap_module(model)
+        if self.mode == "modules":
+            modules = [n or ROOT for n, _ in self.model.named_modules()]
+            v.check_selection(modules, *self.module_patterns, what="module")
         self.loss_fn = loss_fn
         self.prepare = prepare
         named = named_trainable(self.model, self.include, self.exclude)
@@ -241,8 +252,8 @@ class TorchChecker:
             self.model,
             self.loss_fn,
             seed=self.seed,
-            include=[p.pattern for p in self.include] or None,
-            exclude=[p.pattern for p in self.exclude] or None,
+            include=[p.pattern for p in self.module_patterns[0]] or None,
+            exclude=[p.pattern for p in self.module_patterns[1]] or None,
             max_check_memory=limit,
             twin=twin,
             prepare=self.prepare,
