@@ -83,3 +83,14 @@ def test_mode_modules_checks_each_module_and_names_the_culprit(tmp_path):
     good = GradWatch(check_every_n_steps=1, mode="modules")
     trainer(callbacks=[good], max_steps=1).fit(DemoLM(bug=False), _data())
     assert [r.verdict for r in good.reports] == ["pass"], [str(r) for r in good.reports]
+
+
+def test_mode_modules_include_names_modules_and_is_checked_at_setup():
+    cb = GradWatch(
+        check_every_n_steps=1, mode="modules", include=r"decoder\.layers\.1\.activation$"
+    )
+    trainer(callbacks=[cb], max_steps=1).fit(DemoLM(bug=True), _data())
+    assert {e.module for e in cb.events if e.kind == "mismatch"} == {f"model.{TRANSFORMER_CULPRIT}"}
+    bad = GradWatch(mode="modules", include="no_such_module")
+    with pytest.raises(ValueError, match="left no module to check"):
+        trainer(callbacks=[bad], max_steps=1).fit(DemoLM(bug=False), _data())

@@ -203,12 +203,18 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
             self._act(self._judge_train_step(model))
 
     def _check_selection(self) -> None:
-        """``ValueError`` when ``include``/``exclude`` select none of the trainable variables."""
+        """``ValueError`` when ``include``/``exclude`` select none of the trainable variables
+        (``mode="modules"``: none of the layers, by path)."""
+        names = [v.path for v in self.model.trainable_variables if "float" in str(v.dtype)]
+        if self.config.mode == "modules":
+            from gradwatch.keras.localize import layer_tree
+
+            names = [n for n, _ in layer_tree(self.model)]
         check_selection(
-            [v.path for v in self.model.trainable_variables if "float" in str(v.dtype)],
+            names,
             compile_patterns("include", self.config.include),
             compile_patterns("exclude", self.config.exclude),
-            what="variable",
+            what="layer" if self.config.mode == "modules" else "variable",
         )
 
     def _judge_selection(self, step: int) -> Action:

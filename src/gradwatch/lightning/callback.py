@@ -35,7 +35,7 @@ from gradwatch.lightning.localizing import FailureLocalizer, rank_zero_decides, 
 from gradwatch.lightning.norms import GradNorms
 from gradwatch.lightning.rerun import NotRerunnable, Rerun, SkipCheck
 from gradwatch.lightning.sinks import LoggersSink
-from gradwatch.localization import LocalizationReport
+from gradwatch.localization import ROOT, LocalizationReport
 from gradwatch.options import (
     DType,
     Mode,
@@ -199,10 +199,14 @@ class GradWatch(WatchRecords, Callback):
         strategy = type(trainer.strategy).__name__
         params = [(clean_name(n), p) for n, p in pl_module.named_parameters() if p.requires_grad]
         if w.checks_on and strategy not in _SHARDED:
+            names = [n for n, p in params if p.is_floating_point()]
+            if self.config.mode == "modules":  # the patterns select modules by name there
+                names = [n or ROOT for n, _ in pl_module.named_modules()]
             check_selection(
-                [n for n, p in params if p.is_floating_point()],
+                names,
                 compile_patterns("include", self.config.include),
                 compile_patterns("exclude", self.config.exclude),
+                what="module" if self.config.mode == "modules" else "parameter",
             )
         w.open(
             [LoggersSink(trainer)],
