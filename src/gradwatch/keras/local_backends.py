@@ -70,6 +70,7 @@ class CallRecorder:
         self, layers: Sequence[tuple[str, Any]], after: Callable[[LayerCall, Any], Any]
     ) -> None:
         self.calls: list[LayerCall] = []
+        self.position: dict[int, int] = {}  # id(call) -> its index in `calls` (start order)
         self._after = after
         self._saved: list[tuple[Any, Any]] = []
         self._torch = keras.backend.backend() == "torch"
@@ -90,6 +91,7 @@ class CallRecorder:
                 import torch
 
                 record.rng = torch.get_rng_state()
+            self.position[id(record)] = len(self.calls)
             self.calls.append(record)
             out = original(*args, **kwargs)
             record.outputs = float_outputs(out)
@@ -152,12 +154,10 @@ def record_calls(
     deltas = [[keras.ops.zeros_like(t) for t in c.outputs] for c in calls]
     flat = [d for ds in deltas for d in ds]
     n = len(values)
-    seen: list[LayerCall] = []
     current: list[Any] = []
 
     def add_delta(call: LayerCall, out: Any) -> Any:
-        k = len(seen)
-        seen.append(call)
+        k = second.position[id(call)]
         if k >= len(calls) or calls[k].layer is not call.layer:
             raise RuntimeError(
                 f"the layer calls differ between two identical passes at {call.name}"
@@ -170,13 +170,13 @@ def record_calls(
         current[:] = _split(leaves[n:], deltas)
         return loss(leaves[:n])
 
-    recorder = CallRecorder(selected, add_delta)
+    second = CallRecorder(selected, add_delta)
     try:
         with rng():
             _, grads = value_and_grad(differentiated, list(values) + flat)
     finally:
-        recorder.close()
-    if len(seen) != len(calls):
+        second.close()
+    if len(second.calls) != len(calls):
         raise RuntimeError("the layer calls differ between two identical passes")
     cotangents = iter(grads[n:])
     for c in calls:
@@ -211,10 +211,13 @@ def precision() -> tuple[str, list[str]]:
         >>> precision()[0] in ("float64", "float32")
         True
     """
-    probe = keras.ops.convert_to_tensor(np.zeros(1), dtype="float64")
-    if keras.backend.standardize_dtype(probe.dtype) == "float64":
-        return "float64", []
     backend = keras.backend.backend()
+    if backend != "jax":
+        return "float64", []
+    import jax
+
+    if jax.dtypes.canonicalize_dtype(np.float64) == np.float64:  # JAX_ENABLE_X64 (no warning)
+        return "float64", []
     note = (
         f"the loss came out in float32 on the {backend} backend"
         + (" (JAX computes in float32 unless JAX_ENABLE_X64=1)" if backend == "jax" else "")
