@@ -367,8 +367,8 @@ def _suspect_notes(
         return []
     likely = ", ".join(culprits(suspects, inside))
     return [
-        f"not judged in {precision}: {', '.join(m.name for m in suspects)} differ from finite "
-        f"differences by more than {precision} noise ({FLOAT32_SUSPECT:g}) but less than a "
+        f"not judged in {precision}: the local checks of {', '.join(m.name for m in suspects)} "
+        f"are off by more than {precision} noise ({FLOAT32_SUSPECT:g}) but less than a "
         f"{precision} failure; the innermost ({likely}) is the likely culprit — set "
         f"JAX_ENABLE_X64=1 to judge"
     ]
