@@ -18,7 +18,6 @@ cotangents cast to float64); a layer too large for that alone is skipped.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -34,16 +33,12 @@ from gradwatch.keras.local_backends import (
     CallRecorder,
     float64_bytes,
     free_memory,
+    low_precision,
     precision,
     record_calls,
+    suspect_notes,
 )
-from gradwatch.localization import (
-    ROOT,
-    LocalizationReport,
-    ModuleResult,
-    culprits,
-    module_result,
-)
+from gradwatch.localization import ROOT, LocalizationReport, ModuleResult, module_result
 from gradwatch.report import CheckReport
 
 if TYPE_CHECKING:
@@ -202,7 +197,7 @@ class KerasLocalizer:
         calls = self._record(checker, selected, values, frozen, batch)
         results, skipped, evaluations = self._check_calls(selected, calls, base, limit)
         inside = _containment(selected)
-        notes += _suspect_notes(results, inside, self.precision)
+        notes += suspect_notes(results, inside, self.precision)
         return LocalizationReport.from_results(
             results,
             skipped,
@@ -298,7 +293,7 @@ class KerasLocalizer:
                     reasons.append(reason)
             if reports:
                 result = module_result(name, type(layer).__name__, reports)
-                results.append(_low_precision(result, self.precision))
+                results.append(low_precision(result, self.precision))
             elif reasons:
                 skipped.append((name, reasons[0]))
         return results, skipped, evaluations
@@ -325,53 +320,6 @@ class KerasLocalizer:
         except Exception as exc:
             return None, f"it could not be set up alone ({type(exc).__name__}: {exc})", 0
         return check_local(problem, (self.seed, *where), "keras")
-
-
-#: Above this relative error a float32 local check is not called a pass (see _low_precision).
-FLOAT32_SUSPECT = 1e-2
-
-
-def _low_precision(result: ModuleResult, precision: str) -> ModuleResult:
-    """A float32 ``pass`` whose error is above float32 noise made ``inconclusive``.
-
-    In float32 the engine fails only errors above 40% (whole-model float32 checks reach 0.15-0.58
-    on correct models), so a x0.9 backward passes. A local check of one layer is far less noisy:
-    on the test models' correct layers (JAX without x64) the worst error was 2.2e-3, and a x0.9
-    backward showed 0.1. An error between :data:`FLOAT32_SUSPECT` and the engine's tolerance is
-    therefore not a pass, but not a proven failure either: ``inconclusive``, with the error in
-    ``detail``, never a false ``fail``.
-    """
-    err = result.max_rel_error
-    if precision == "float64" or result.verdict != "pass" or err is None or err <= FLOAT32_SUSPECT:
-        return result
-    return dataclasses.replace(
-        result,
-        verdict="inconclusive",
-        detail=(
-            f"its local check is off by {err:.0%} in {precision}: above float32 noise, below "
-            f"what float32 can call a failure (set JAX_ENABLE_X64=1 to judge it)"
-        ),
-    )
-
-
-def _suspect_notes(
-    results: Sequence[ModuleResult], inside: dict[str, set[str]], precision: str
-) -> list[str]:
-    """The note naming the layers :func:`_low_precision` left undecided, innermost first."""
-    suspects = [
-        dataclasses.replace(m, verdict="fail")
-        for m in results
-        if m.verdict == "inconclusive" and m.detail.startswith("its local check is off")
-    ]
-    if not suspects:
-        return []
-    likely = ", ".join(culprits(suspects, inside))
-    return [
-        f"not judged in {precision}: the local checks of {', '.join(m.name for m in suspects)} "
-        f"are off by more than {precision} noise ({FLOAT32_SUSPECT:g}) but less than a "
-        f"{precision} failure; the innermost ({likely}) is the likely culprit — set "
-        f"JAX_ENABLE_X64=1 to judge"
-    ]
 
 
 def _current(variable: Any) -> Any:
