@@ -33,6 +33,42 @@ def run(backend: str, tmp_path: Path, x64: bool = False) -> dict:
     return json.loads(out.read_text())
 
 
+def check_localizations(result: dict, float64: bool) -> None:
+    """localize on the planted bugs: each culprit named in float64; in float32 (JAX without
+    x64) a x0.9 backward is never a false verdict (no failure anywhere, the bug's layer
+    inconclusive, named in a note), a missing kernel gradient still the culprit."""
+    from tests.helpers.keras_bugs_any import CASES
+
+    loc = result["localize"]
+    for name, (_, culprit) in CASES.items():
+        r = loc[name]
+        assert r["unchanged"], name
+        if float64 or "cut" in name or culprit is None:
+            assert r["culprits"] == ([culprit] if culprit else []), (name, r)
+        if culprit is None:
+            assert set(r["verdicts"].values()) == {"pass"}, (name, r)
+        if float64:
+            assert not r["notes"], (name, r)
+            assert max(e for e in r["errors"].values() if e is not None) < 1e-6 or culprit, r
+        else:
+            assert "JAX_ENABLE_X64=1" in r["notes"][0], (name, r)
+            if "scaled" in name:
+                assert "fail" not in r["verdicts"].values(), (name, r)
+                assert r["verdicts"][culprit] == "inconclusive", (name, r)
+                assert f"the innermost ({culprit}) is the likely culprit" in r["notes"][1], r
+    by_layer = loc["by_layer_scaled"]
+    assert by_layer["unchanged"]
+    assert ["first", "too large to check alone (1664 bytes in float64)"] in by_layer["skipped"]
+    assert any(s[0] == "<model>" for s in by_layer["skipped"])
+    assert any("checked layer by layer" in note for note in by_layer["notes"])
+    assert "first" not in by_layer["verdicts"]
+    if float64:
+        assert by_layer["culprits"] == ["act"], by_layer
+        assert set(by_layer["verdicts"]) == {"act", "bn", "drop", "head"}
+    assert loc["by_layer_correct"]["culprits"] == []
+    assert "fail" not in loc["by_layer_correct"]["verdicts"].values()
+
+
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_core_checks_on_backend(backend, tmp_path):
     if backend == "jax" and importlib.util.find_spec("jax") is None:
@@ -61,6 +97,7 @@ def test_core_checks_on_backend(backend, tmp_path):
         kind == "disconnected" and param.endswith("cut/kernel")
         for kind, param in result["bug"]["events"]
     )
+    check_localizations(result, float64=backend == "torch")
     assert result["callback"]["verdicts"] == ["pass", "pass"]
     assert result["callback"]["steps"] == [1, 3]
     assert result["callback"]["norms_logged"] is (backend == "torch")
@@ -79,3 +116,4 @@ def test_jax_with_x64_checks_in_float64(tmp_path):
     for name, r in {**result["healthy"], **result["unclonable"]}.items():
         assert r["dtype"] == "float64", (name, r)
         assert r["verdict"] == ("fail" if name == "scaled_0.9" else "pass"), (name, r)
+    check_localizations(result, float64=True)

@@ -115,12 +115,12 @@ def test_the_report_is_json_and_include_selects_layers():
     assert json.loads(json.dumps(report.to_dict()))["culprit"] == "act"
 
 
-def test_other_backends_are_reported_as_unsupported(monkeypatch):
+def test_backends_without_autodiff_are_reported_as_unsupported(monkeypatch):
     model = functional_bug("scaled")
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    monkeypatch.setattr(keras.backend, "backend", lambda: "openvino")
     report = localize(model, *_batch())
     assert report.culprit is None and report.modules == ()
-    assert "unsupported on the jax backend" in report.summary
+    assert "unsupported on the openvino backend" in report.summary
 
 
 def test_a_fit_with_the_bug_names_the_layer_in_its_events():
@@ -137,3 +137,31 @@ def test_a_fit_with_the_bug_names_the_layer_in_its_events():
     )
     assert [r.culprit for r in cb.localizations] == ["act"]
     assert cb.reports[0].events[0].module == "act"
+
+
+def test_over_max_check_memory_each_layer_is_checked_alone_and_a_too_large_one_skipped():
+    keras.utils.set_random_seed(1)
+    model = functional_bug("scaled")  # 2848 bytes of float64 weights; `first` alone 1664
+    before = [np.array(v.numpy()) for v in model.variables]
+    report = localize(model, *_batch(), max_check_memory=1000)
+    assert report.culprits == ("act",), str(report)
+    assert ("first", "too large to check alone (1664 bytes in float64)") in report.skipped
+    assert "<model>" in dict(report.skipped)
+    assert [m.name for m in report.modules] == ["act", "tanh", "norm", "drop", "head"]
+    assert "checked layer by layer: calls recorded in float32" in report.notes[-1]
+    assert all(np.array_equal(b, v.numpy()) for b, v in zip(before, model.variables, strict=True))
+    keras.utils.set_random_seed(1)
+    correct = localize(functional_bug(None), *_batch(), max_check_memory=1000)
+    assert correct.culprit is None and {m.verdict for m in correct.modules} == {"pass"}
+
+
+def test_without_max_check_memory_the_free_memory_of_the_device_is_the_limit(monkeypatch):
+    from gradwatch.keras import local_backends
+
+    model = functional_bug("scaled")
+    monkeypatch.setattr(local_backends, "available_ram", lambda: 1000)
+    report = localize(model, *_batch())
+    assert report.culprits == ("act",)
+    assert "over the 1000 bytes of free memory the model's device reports" in report.notes[-1]
+    monkeypatch.setattr(local_backends, "available_ram", lambda: None)  # unknown: no limit
+    assert localize(model, *_batch()).result("<model>") is not None

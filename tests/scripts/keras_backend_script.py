@@ -5,6 +5,7 @@ KERAS_BACKEND must be set by the caller (torch or jax). Writes OUT as JSON.
 
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -12,8 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import keras
 import numpy as np
 
-from gradwatch.keras import GradWatch, check_gradients
+from gradwatch.keras import GradWatch, check_gradients, localize
 from tests.helpers import keras_models as km
+from tests.helpers.keras_bugs_any import CASES, functional
 
 
 class ScaledDense(keras.layers.Dense):
@@ -121,6 +123,50 @@ def unclonable() -> dict[str, object]:
     return out
 
 
+def _state(model) -> list[np.ndarray]:
+    """Every model and optimizer variable (weights, BatchNorm statistics, seed states)."""
+    variables = list(model.variables) + list(model.optimizer.variables)
+    return [np.array(keras.ops.convert_to_numpy(v.value)).copy() for v in variables]
+
+
+def _torch_rng():
+    if keras.backend.backend() != "torch":
+        return None
+    import torch
+
+    return torch.get_rng_state().numpy().copy()
+
+
+def localizations() -> dict[str, object]:
+    """localize on each planted bug and correct model, and layer by layer under a tiny limit."""
+    x, y = km.data("mlp", seed=3, n=16)
+    out: dict[str, object] = {}
+    runs = {name: (make, None) for name, (make, _) in CASES.items()}
+    # 2720 bytes of float64 weights; `first` alone takes 1664: checked layer by layer, it is skipped.
+    runs["by_layer_scaled"] = (lambda: functional("scaled"), 1000)
+    runs["by_layer_correct"] = (lambda: functional(None), 1000)
+    for name, (make, limit) in runs.items():
+        keras.utils.set_random_seed(1)
+        model = make()
+        before, rng = _state(model), _torch_rng()
+        started = time.perf_counter()
+        r = localize(model, x, y, max_check_memory=limit)
+        seconds = time.perf_counter() - started
+        after, rng_after = _state(model), _torch_rng()
+        out[name] = {
+            "culprits": list(r.culprits),
+            "verdicts": {m.name: m.verdict for m in r.modules},
+            "errors": {m.name: m.max_rel_error for m in r.modules},
+            "skipped": [list(s) for s in r.skipped],
+            "notes": list(r.notes),
+            "seconds": seconds,
+            "unchanged": all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+            and (rng is None or np.array_equal(rng, rng_after))
+            and all("call" not in vars(layer) for layer in model._flatten_layers()),
+        }
+    return out
+
+
 def main() -> None:
     out: dict[str, object] = {"backend": keras.backend.backend()}
     verdicts = {}
@@ -140,6 +186,7 @@ def main() -> None:
         }
     out["healthy"] = verdicts
     out["unclonable"] = unclonable()
+    out["localize"] = localizations()
     keras.utils.set_random_seed(0)
     bad = km.compiled(
         keras.Sequential(

@@ -1,9 +1,10 @@
-"""One Keras layer call checked alone (TensorFlow backend): ``<cotangent, layer(inputs; weights)>``.
+"""One Keras layer call checked alone, on any backend: ``<cotangent, layer(inputs; weights)>``.
 
-A localization (:mod:`gradwatch.keras.localize`) records, in one float64 forward/backward of the
-model, each layer call's inputs, the values of the layer's non-trainable state at the call
-(BatchNorm statistics, dropout seed state) and the cotangent its outputs received.
-:class:`LayerProblem` presents that call to the check engine as a scalar function of
+A localization (:mod:`gradwatch.keras.localize`) records, in one forward/backward of the model,
+each layer call's inputs, the values of the layer's non-trainable state at the call (BatchNorm
+statistics, dropout seed state; on the torch backend also torch's RNG state, which Keras' unseeded
+dropout draws from) and the cotangent its outputs received. :class:`LayerProblem` presents that
+call to the check engine as a scalar function of
 
 - each floating input that carried a gradient in training (one slot per input tensor),
 - each of the layer's own trainable weights (one slot each), and
@@ -12,20 +13,24 @@ model, each layer call's inputs, the values of the layer's non-trainable state a
 every evaluation is the layer's ``__call__`` in training mode inside the model's float64
 evaluation (:class:`~gradwatch.keras.twin.Float64Evaluation`, a ``StatelessScope``), with the
 recorded state in place, so dropout draws the mask it drew in training and nothing the layer
-assigns survives the evaluation.
+assigns survives the evaluation. Gradients come from the backend's own autodiff
+(:func:`gradwatch.keras.backend.value_and_grad`: ``tf.GradientTape``, ``torch.autograd.grad``,
+``jax.value_and_grad``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import keras
 import numpy as np
 import numpy.typing as npt
-import tensorflow as tf
 
 from gradwatch.core.problem import Perturbation
+from gradwatch.keras.backend import to_numpy, value_and_grad
 from gradwatch.localization import INNER_SLOTS
 
 __all__ = ["INNER", "LayerCall", "LayerProblem", "float_outputs", "is_float_tensor"]
@@ -35,23 +40,26 @@ INNER = INNER_SLOTS[1]
 
 
 def is_float_tensor(x: Any) -> bool:
-    """Whether ``x`` is a floating TensorFlow tensor.
+    """Whether ``x`` is a floating tensor of the backend (a numpy array or a number is not).
 
     Example:
-        >>> is_float_tensor(tf.ones(2)), is_float_tensor(tf.ones(2, "int32")), is_float_tensor(2.0)
+        >>> ops = keras.ops
+        >>> is_float_tensor(ops.ones(2)), is_float_tensor(ops.ones(2, "int32")), is_float_tensor(2.0)
         (True, False, False)
     """
-    return bool(tf.is_tensor(x) and x.dtype.is_floating)
+    if not keras.ops.is_tensor(x):
+        return False
+    return "float" in keras.backend.standardize_dtype(x.dtype)
 
 
 def float_outputs(out: Any) -> list[Any]:
-    """The floating tensors of a layer's output, in ``tf.nest.flatten`` order.
+    """The floating tensors of a layer's output, in ``keras.tree.flatten`` order.
 
     Example:
-        >>> len(float_outputs({"a": tf.ones(1), "b": tf.ones(1, "int32")}))
+        >>> len(float_outputs({"a": keras.ops.ones(1), "b": keras.ops.ones(1, "int32")}))
         1
     """
-    return [t for t in tf.nest.flatten(out) if is_float_tensor(t)]
+    return [t for t in keras.tree.flatten(out) if is_float_tensor(t)]
 
 
 @dataclass
@@ -64,10 +72,11 @@ class LayerCall:
         args: Positional inputs as ``call`` received them.
         kwargs: Keyword inputs (``training``, ``mask``) as ``call`` received them.
         state: ``(variable, value)`` of the layer's non-trainable variables at the call.
-        outputs: The floating output tensors, in ``tf.nest.flatten`` order.
-        needs_grad: Per input leaf (``tf.nest.flatten`` order of ``(args, kwargs)``): floating
+        outputs: The floating output tensors, in ``keras.tree.flatten`` order.
+        needs_grad: Per input leaf (``keras.tree.flatten`` order of ``(args, kwargs)``): floating
             and carrying a gradient in training (filled after the backward pass).
         cotangents: The cotangent each output received (``None``: it did not reach the loss).
+        rng: torch's CPU RNG state at the call (torch backend; ``None`` elsewhere).
     """
 
     name: str
@@ -78,11 +87,25 @@ class LayerCall:
     outputs: list[Any] = field(default_factory=list)
     needs_grad: list[bool] = field(default_factory=list)
     cotangents: list[Any] = field(default_factory=list)
+    rng: Any = None
 
     @property
     def leaves(self) -> list[Any]:
         """The flattened ``(args, kwargs)``."""
-        return list(tf.nest.flatten((self.args, self.kwargs)))
+        return list(keras.tree.flatten((self.args, self.kwargs)))
+
+
+@contextlib.contextmanager
+def _rng_at(state: Any) -> Iterator[None]:
+    """torch's CPU RNG set to ``state`` inside, the caller's stream restored after."""
+    if state is None:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(state)
+        yield
 
 
 class LayerProblem:
@@ -92,8 +115,12 @@ class LayerProblem:
         call: The recorded call (with cotangents and ``needs_grad``).
         own: The layer's own trainable float weights ``(name, variable)``.
         inner: Its sublayers' trainable float weights.
-        base: ``(variable, float64 value)`` of every model variable, as in the recording pass.
+        base: ``(variable, value)`` of the model variables the evaluation sets (the whole
+            model's float64 values, or, layer by layer, only this layer's); the recorded state
+            is added.
         active: ``active(mapping)``: the model's float64 evaluation context.
+        dtype: The precision the evaluations compute in: ``"float64"``, or ``"float32"`` where
+            the backend has no float64 (JAX without ``JAX_ENABLE_X64=1``).
     """
 
     def __init__(
@@ -103,22 +130,25 @@ class LayerProblem:
         inner: Sequence[Any],
         base: Sequence[tuple[Any, Any]],
         active: Callable[[list[tuple[Any, Any]]], Any],
+        dtype: str = "float64",
     ) -> None:
         self.call = call
         self.own = list(own)
         self.inner = list(inner)
         self.active = active
+        self.precision = dtype
         self._base_values = {id(v): (v, x) for v, x in base}
-        for v, x in call.state:
-            self._base_values[id(v)] = (v, x)
-        self.inputs = call.leaves
+        for v, x in call.state:  # recorded in the model's dtype when checked layer by layer
+            self._base_values[id(v)] = (v, keras.ops.cast(x, dtype) if is_float_tensor(x) else x)
+        # Recorded in the model's dtype (layer by layer) or already in `dtype`: widen the floats.
+        self.inputs = [keras.ops.cast(x, dtype) if is_float_tensor(x) else x for x in call.leaves]
         self.input_slots = [k for k, need in enumerate(call.needs_grad) if need]
         names = ["input" if len(self.input_slots) == 1 else f"input[{k}]" for k in self.input_slots]
         names += [n for n, _ in self.own] + ([INNER] if self.inner else [])
         self._names = names
         self._values = [self._slot_value(k) for k in range(len(names))]
         self._base = float("nan")
-        self._grads: list[npt.NDArray[np.float64] | None] = []
+        self._grads: list[npt.NDArray[Any] | None] = []
         self.evaluations = 0
 
     # -- Problem protocol ----------------------------------------------------------------------
@@ -132,7 +162,7 @@ class LayerProblem:
 
     @property
     def dtype(self) -> np.dtype[np.floating[Any]]:
-        return np.dtype(np.float64)
+        return np.dtype(self.precision)
 
     @property
     def base_loss(self) -> float:
@@ -150,36 +180,32 @@ class LayerProblem:
             if pert.index is not None:
                 raise ValueError("a local check perturbs along directions only")
             slots = self._tensors()
-            slots[pert.tensor] = tf.constant(np.asarray(pert.value, dtype=np.float64))
-            out[k] = float(self._evaluate(slots).numpy())
+            slots[pert.tensor] = self._tensor(np.asarray(pert.value))
+            out[k] = float(to_numpy(self._evaluate(slots)))
         return out
 
     # -- slots ---------------------------------------------------------------------------------
-    def _slot_value(self, slot: int) -> npt.NDArray[np.float64]:
+    def _slot_value(self, slot: int) -> npt.NDArray[Any]:
         n_in, n_own = len(self.input_slots), len(self.own)
         if slot < n_in:
-            return np.asarray(self.inputs[self.input_slots[slot]].numpy(), dtype=np.float64)
+            return np.asarray(to_numpy(self.inputs[self.input_slots[slot]]), self.precision)
         if slot < n_in + n_own:
             return self._weight(self.own[slot - n_in][1])
         return np.concatenate([self._weight(w).ravel() for w in self.inner])
 
-    def _weight(self, variable: Any) -> npt.NDArray[np.float64]:
-        return np.asarray(self._base_values[id(variable)][1].numpy(), dtype=np.float64)
+    def _weight(self, variable: Any) -> npt.NDArray[Any]:
+        return np.asarray(to_numpy(self._base_values[id(variable)][1]), self.precision)
+
+    def _tensor(self, value: npt.NDArray[Any]) -> Any:
+        return keras.ops.convert_to_tensor(value.astype(self.precision), dtype=self.precision)
 
     def _tensors(self) -> list[Any]:
-        return [tf.constant(v) for v in self._values]
+        return [self._tensor(v) for v in self._values]
 
     # -- evaluation ----------------------------------------------------------------------------
     def compute_base(self) -> None:
         """``f`` at the recorded point and its autodiff gradient along every slot."""
-        slots = self._tensors()
-        with tf.GradientTape() as tape:
-            for t in slots:
-                tape.watch(t)
-            f = self._evaluate(slots)
-        grads = tape.gradient(f, slots, unconnected_gradients=tf.UnconnectedGradients.NONE)
-        self._base = float(f.numpy())
-        self._grads = [None if g is None else np.asarray(tf.convert_to_tensor(g)) for g in grads]
+        self._base, self._grads = value_and_grad(self._evaluate, self._tensors())
 
     def _evaluate(self, slots: list[Any]) -> Any:
         """``<cotangent, layer(inputs; weights)>`` with the slots' values in place."""
@@ -195,22 +221,23 @@ class LayerProblem:
             flat, offset = slots[n_in + n_own], 0
             for w in self.inner:
                 size = int(np.prod(w.shape))
-                values[id(w)] = (w, tf.reshape(flat[offset : offset + size], w.shape))
+                part = keras.ops.reshape(flat[offset : offset + size], tuple(w.shape))
+                values[id(w)] = (w, part)
                 offset += size
-        args, kwargs = tf.nest.pack_sequence_as((self.call.args, self.call.kwargs), leaves)
+        args, kwargs = keras.tree.pack_sequence_as((self.call.args, self.call.kwargs), leaves)
         kwargs = dict(kwargs)
         kwargs.setdefault("training", True)  # Keras drops it for a call() without `training`
-        with self.active(list(values.values())):
+        with _rng_at(self.call.rng), self.active(list(values.values())):
             out = self.call.layer(*args, **kwargs)
         return self._dot(out)
 
     def _dot(self, out: Any) -> Any:
-        outputs = float_outputs(out)
+        ops = keras.ops
         total = None
-        for t, cot in zip(outputs, self.call.cotangents, strict=False):
+        for t, cot in zip(float_outputs(out), self.call.cotangents, strict=False):
             if cot is None or tuple(cot.shape) != tuple(t.shape):
                 continue
-            term = tf.reduce_sum(tf.cast(t, tf.float64) * tf.cast(cot, tf.float64))
+            term = ops.sum(ops.cast(t, self.precision) * ops.cast(cot, self.precision))
             total = term if total is None else total + term
         if total is None:
             raise ValueError("no output of the call received a cotangent")

@@ -1,13 +1,19 @@
-"""``localize`` for Keras 3 models: which layer's own backward is wrong (TensorFlow backend).
+"""``localize`` for Keras 3 models: which layer's own backward is wrong (TensorFlow, torch, JAX).
 
-One float64 forward/backward of the model itself (:class:`~gradwatch.keras.twin.Float64Evaluation`,
-inside a ``StatelessScope``, under a ``tf.GradientTape``) records every layer call: each selected
-layer's ``call`` is wrapped for the duration (an instance attribute, removed in ``finally``) to keep
-its inputs and non-trainable state and to watch its outputs on the tape; one ``tape.gradient``
-then gives the cotangent of every output and tells which inputs carried a gradient. Each call is
-then checked alone (:class:`~gradwatch.keras.local_check.LayerProblem`) by the check engine, and
-the culprit is the innermost failing layer, exactly as on the torch side
-(:func:`gradwatch.localization.culprits`).
+One forward/backward of the model itself in float64 (:class:`~gradwatch.keras.twin.Float64Evaluation`,
+inside a ``StatelessScope``) records every layer call: each selected layer's ``call`` is wrapped for
+the duration (an instance attribute, removed in ``finally``) to keep its inputs and non-trainable
+state and to obtain the cotangent of its outputs — on TensorFlow by watching the outputs on a
+``tf.GradientTape`` (one ``tape.gradient`` gives every cotangent and tells which inputs carried a
+gradient), on torch and JAX by differentiating the loss with respect to a zero tensor added to
+each output (:mod:`gradwatch.keras.local_backends`, which says why). Each call is then checked
+alone (:class:`~gradwatch.keras.local_check.LayerProblem`) by the check engine, and the culprit is
+the innermost failing layer, exactly as on the torch side (:func:`gradwatch.localization.culprits`).
+
+When the float64 values of the model's weights would exceed ``max_check_memory`` (default: the free
+memory of the model's device), the recording pass runs in the model's own dtype on its own
+weights, and each layer is checked with float64 values of its own weights only (inputs, state and
+cotangents cast to float64); a layer too large for that alone is skipped.
 """
 
 from __future__ import annotations
@@ -17,12 +23,21 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import keras
-import numpy as np
 
 from gradwatch import options as v
 from gradwatch.core.local import check_local
 from gradwatch.keras import _compat
+from gradwatch.keras.backend import torch_rng
 from gradwatch.keras.checker import KerasChecker, _cast_tree, _pack, _value_in
+from gradwatch.keras.local_backends import (
+    CallRecorder,
+    float64_bytes,
+    free_memory,
+    low_precision,
+    precision,
+    record_calls,
+    suspect_notes,
+)
 from gradwatch.localization import ROOT, LocalizationReport, ModuleResult, module_result
 from gradwatch.report import CheckReport
 
@@ -66,50 +81,12 @@ def _children(layer: Any) -> list[Any]:
     return list(layer._flatten_layers(include_self=False, recursive=False))
 
 
-class _Recorder:
-    """Wraps each layer's ``call`` while installed (``close`` puts every one back)."""
-
-    def __init__(self, layers: Sequence[tuple[str, Any]], watch: Callable[[Any], None]) -> None:
-        self.calls: list[LayerCall] = []
-        self._watch = watch
-        self._saved: list[tuple[Any, Any]] = []
-        try:
-            for name, layer in layers:
-                own = layer.__dict__.get("call", _ABSENT)
-                object.__setattr__(layer, "call", self._wrap(name, layer, layer.call))
-                self._saved.append((layer, own))
-        except BaseException:
-            self.close()
-            raise
-
-    def _wrap(self, name: str, layer: Any, original: Callable[..., Any]) -> Callable[..., Any]:
-        from gradwatch.keras import local_check as lc
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            state = [(w, w.value) for w in layer.non_trainable_variables]
-            record = lc.LayerCall(name, layer, tuple(args), dict(kwargs), state)
-            self.calls.append(record)
-            out = original(*args, **kwargs)
-            record.outputs = lc.float_outputs(out)
-            for t in record.outputs:
-                self._watch(t)
-            return out
-
-        return call
-
-    def close(self) -> None:
-        for layer, own in reversed(self._saved):
-            if own is _ABSENT:
-                object.__delattr__(layer, "call")
-            else:
-                object.__setattr__(layer, "call", own)
-        self._saved = []
-
-
-_ABSENT = object()
 _NEVER_CALLED = (
     "never called as a layer (its weights are checked inside the check of the layer that uses them)"
 )
+
+
+_SUPPORTED = ("tensorflow", "torch", "jax")
 
 
 class KerasLocalizer:
@@ -120,10 +97,12 @@ class KerasLocalizer:
         loss: Anything ``model.compile(loss=...)`` accepts; default the compiled loss.
         loss_fn: ``loss_fn(model, data) -> scalar`` localized instead of a loss (as
             :class:`~gradwatch.keras.checker.KerasChecker` takes it).
-        seed: Seed of the random directions.
+        seed: Seed of the random directions (and of torch's RNG in the recording pass).
         include: Regular expression(s) on layer names (``block.act``): check only these.
         exclude: Regular expression(s) on layer names: skip these.
-        max_check_memory: Bytes the check may use (``None``: no limit is applied on Keras).
+        max_check_memory: Bytes the float64 values of the weights may take (``None``: the free
+            memory of the model's device, :func:`~gradwatch.keras.local_backends.free_memory`;
+            no limit where it cannot be read). Over it the model is checked layer by layer.
         rtol: Tolerance of each layer's check (``None``: the float64 default).
         eps: Base finite-difference step (``None``: the default).
     """
@@ -150,11 +129,28 @@ class KerasLocalizer:
             "max_check_memory", max_check_memory, allow_none=True
         )
         self.model = model
+        self.loss = loss
+        self.loss_fn = loss_fn
         self.backend = keras.backend.backend()
         self.checker: KerasChecker | None = None
-        if self.backend == "tensorflow":
-            self.checker = KerasChecker(model, loss=loss, loss_fn=loss_fn, seed=seed)
-        self.loss_fn = loss_fn
+        self.precision: str = "float64"
+        self.notes: list[str] = []
+        if self.backend in _SUPPORTED:
+            self.precision, self.notes = precision()
+            self.checker = self._checker(self.precision)
+        self._own_checker: KerasChecker | None = None
+
+    def _checker(self, dtype: str | None) -> KerasChecker:
+        return KerasChecker(
+            self.model, loss=self.loss, loss_fn=self.loss_fn, seed=self.seed, dtype=dtype
+        )
+
+    def memory_limit(self) -> int | None:
+        """Bytes the float64 values of the weights may take: ``max_check_memory``, else the free
+        memory of the model's device; ``None``: no limit."""
+        if self.max_check_memory is not None:
+            return self.max_check_memory
+        return free_memory(self.model)
 
     def localize(
         self,
@@ -171,58 +167,89 @@ class KerasLocalizer:
         started = time.perf_counter()
         self._seed = self.seed if seed is None else v.check_seed(seed)
         if self.checker is None:
-            why = f"localize is unsupported on the {self.backend} backend (TensorFlow only)"
+            why = (
+                f"localize is unsupported on the {self.backend} backend "
+                f"(TensorFlow, torch and JAX only)"
+            )
             return LocalizationReport(None, (), (), ((ROOT, why),), notes=(why,))
-        checker = self.checker
-        dtype = "float64"
-        values = [_value_in(w, dtype) for w in checker.trainable_sources]
-        frozen = [_value_in(w, dtype) for w in checker.frozen_vars]
-        base = list(zip(checker.trainable_sources, values, strict=True))
-        base += list(zip(checker.frozen_vars, frozen, strict=True))
         if self.loss_fn is not None:
             raw = data if data is not None else _pack(x, y, sample_weight)
         else:
             raw = (x, y, sample_weight)
-        batch = _cast_tree(raw, dtype)
         tree = layer_tree(self.model)
         selected = [(n, layer) for n, layer in tree if v.selected(n, self.include, self.exclude)]
-        calls = self._record(selected, values, frozen, batch)
-        results, skipped, evaluations = self._check_calls(selected, calls, base)
+        limit = self.memory_limit()
+        need = float64_bytes(self.model.weights)
+        notes = list(self.notes)
+        if limit is not None and need > limit:
+            if self._own_checker is None:
+                self._own_checker = self._checker(None)
+            checker = self._own_checker
+            values = [_current(w) for w in checker.trainable_sources]
+            frozen = [_current(w) for w in checker.frozen_vars]
+            batch = _cast_tree(raw, checker.dtype_name)
+            base = None
+            over = (
+                f"max_check_memory={limit}"
+                if self.max_check_memory is not None
+                else f"the {limit} bytes of free memory the model's device reports"
+            )
+            notes.append(
+                f"the float64 values of the model's weights would take {need} bytes, over {over}, "
+                f"so it was checked layer by layer: calls recorded in {checker.dtype_name}, each "
+                f"layer checked with {self.precision} values of its own weights, inputs and "
+                f"cotangents"
+            )
+        else:
+            checker, dtype = self.checker, self.precision
+            values = [_value_in(w, dtype) for w in checker.trainable_sources]
+            frozen = [_value_in(w, dtype) for w in checker.frozen_vars]
+            base = list(zip(checker.trainable_sources, values, strict=True))
+            base += list(zip(checker.frozen_vars, frozen, strict=True))
+            batch = _cast_tree(raw, dtype)
+            limit = None
+        calls = self._record(checker, selected, values, frozen, batch)
+        results, skipped, evaluations = self._check_calls(selected, calls, base, limit)
+        inside = _containment(selected)
+        notes += suspect_notes(results, inside, self.precision)
         return LocalizationReport.from_results(
             results,
             skipped,
-            _containment(selected),
+            inside,
             evaluations=evaluations,
             started=started,
-            notes=self._memory_notes(),
+            notes=notes,
         )
 
-    def _memory_notes(self) -> list[str]:
-        if self.max_check_memory is None:
-            return []
-        need = sum(int(np.prod(w.shape)) * 8 for w in self.model.weights)
-        if need <= self.max_check_memory:
-            return []
-        return [
-            f"the float64 values of the weights take {need} bytes, over max_check_memory="
-            f"{self.max_check_memory}; checking layer by layer is not implemented on Keras, so "
-            f"the whole model was evaluated in float64"
-        ]
-
     def _record(
-        self, selected: list[tuple[str, Any]], values: list[Any], frozen: list[Any], batch: Any
+        self,
+        checker: KerasChecker,
+        selected: list[tuple[str, Any]],
+        values: list[Any],
+        frozen: list[Any],
+        batch: Any,
     ) -> list[LayerCall]:
-        """One float64 forward/backward with every selected layer's calls recorded."""
+        """One forward/backward with every selected layer's calls recorded."""
+        if self.backend != "tensorflow":
+            return record_calls(
+                selected,
+                lambda vals: checker._loss_eager(vals, frozen, batch),
+                values,
+                lambda: torch_rng(self.seed),
+            )
         import tensorflow as tf
 
         from gradwatch.keras.local_check import is_float_tensor
 
-        checker = self.checker
-        assert checker is not None
+        def watch(call: LayerCall, out: Any) -> Any:
+            for t in call.outputs:
+                tape.watch(t)
+            return out
+
         with tf.GradientTape() as tape:
             for t in values:
                 tape.watch(t)
-            recorder = _Recorder(selected, tape.watch)
+            recorder = CallRecorder(selected, watch)
             try:
                 loss = checker._loss_eager(values, frozen, batch)
             finally:
@@ -243,24 +270,27 @@ class KerasLocalizer:
         self,
         selected: list[tuple[str, Any]],
         calls: list[LayerCall],
-        base: list[tuple[Any, Any]],
+        base: list[tuple[Any, Any]] | None,
+        limit: int | None,
     ) -> tuple[list[ModuleResult], list[tuple[str, str]], int]:
-        from gradwatch.keras.local_check import LayerProblem
-
+        """Each selected layer's calls checked alone (``base`` ``None``: layer by layer, each
+        with float64 values of its own weights, if they fit in ``limit``)."""
         by_layer: dict[int, list[LayerCall]] = {}
         for call in calls:
             by_layer.setdefault(id(call.layer), []).append(call)
         results: list[ModuleResult] = []
         skipped: list[tuple[str, str]] = []
         evaluations = 0
-        assert self.checker is not None
-        active = self.checker.evaluation.active
         for index, (name, layer) in enumerate(selected):
             mine = by_layer.get(id(layer), [])
             own, inner = _weights(layer)
             if not mine:
                 if own:
                     skipped.append((name, _NEVER_CALLED))
+                continue
+            if limit is not None and float64_bytes(layer.weights) > limit:
+                size = float64_bytes(layer.weights)
+                skipped.append((name, f"too large to check alone ({size} bytes in float64)"))
                 continue
             reports: list[CheckReport] = []
             reasons: list[str] = []
@@ -269,20 +299,46 @@ class KerasLocalizer:
                     if call.outputs:
                         reasons.append("its output does not reach the loss")
                     continue
-                problem = LayerProblem(call, own, inner, base, active)
-                report, reason, used = check_local(
-                    problem, (self._seed, index, k), "keras", rtol=self.rtol, eps=self.eps
-                )
+                report, reason, used = self._check_call(call, own, inner, base, (index, k))
                 evaluations += used
                 if report is not None:
                     reports.append(report)
                 elif reason:
                     reasons.append(reason)
             if reports:
-                results.append(module_result(name, type(layer).__name__, reports))
+                result = module_result(name, type(layer).__name__, reports)
+                results.append(low_precision(result, self.precision))
             elif reasons:
                 skipped.append((name, reasons[0]))
         return results, skipped, evaluations
+
+    def _check_call(
+        self,
+        call: LayerCall,
+        own: list[tuple[str, Any]],
+        inner: list[Any],
+        base: list[tuple[Any, Any]] | None,
+        where: tuple[int, int],
+    ) -> tuple[CheckReport | None, str, int]:
+        """One call checked alone; a failure to set it up is a reason, never an exception."""
+        from gradwatch.keras.local_check import LayerProblem
+
+        assert self.checker is not None
+        try:
+            if base is None:  # layer by layer: only this layer's weights, in the check dtype
+                base = [(w, _value_in(w, self.precision)) for _, w in own]
+                base += [(w, _value_in(w, self.precision)) for w in inner]
+            problem = LayerProblem(
+                call, own, inner, base, self.checker.evaluation.active, self.precision
+            )
+        except Exception as exc:
+            return None, f"it could not be set up alone ({type(exc).__name__}: {exc})", 0
+        return check_local(problem, (self._seed, *where), "keras", rtol=self.rtol, eps=self.eps)
+
+
+def _current(variable: Any) -> Any:
+    """A variable's value as it is (no copy, no cast): the recording pass in the model's dtype."""
+    return keras.ops.convert_to_tensor(variable.value)
 
 
 def _dense(grad: Any) -> Any:
@@ -323,15 +379,16 @@ def localize(
     exclude: str | Sequence[str] | None = None,
     max_check_memory: int | None = None,
 ) -> LocalizationReport:
-    """Find the Keras layer whose own backward is wrong (TensorFlow backend).
+    """Find the Keras layer whose own backward is wrong (TensorFlow, torch and JAX backends).
 
     In one float64 forward/backward of ``model`` on ``(x, y)``, every layer call's inputs and
     output cotangent are recorded; each call is then checked alone: the scalar
-    ``<cotangent, layer(inputs; its weights)>`` differentiated by autodiff along random
-    directions against central finite differences, in training mode with the recorded dropout
-    seed state. Layers of functional, sequential and subclassed models are covered, nested ones
-    too; parameter-free layers and ``tf.custom_gradient`` code included. The model is never
-    changed. On the JAX and torch backends the report says the check is unsupported.
+    ``<cotangent, layer(inputs; its weights)>`` differentiated by the backend's autodiff along
+    random directions against central finite differences, in training mode with the recorded
+    dropout seed state. Layers of functional, sequential and subclassed models are covered, nested
+    ones too; parameter-free layers and custom-gradient code (``tf.custom_gradient``,
+    ``torch.autograd.Function``, ``jax.custom_vjp``) included. The model is never changed. On JAX
+    without ``JAX_ENABLE_X64=1`` everything is float32 and the report's notes say so.
 
     Args:
         model: A built Keras 3 model, compiled or with ``loss=``.
@@ -342,8 +399,10 @@ def localize(
         seed: Seed of the random directions.
         include: Regular expression(s) on layer names (``block.act``): check only these.
         exclude: Regular expression(s) on layer names: skip these.
-        max_check_memory: Bytes the check may use; validated, and the report notes a model
-            whose float64 weights exceed it (layer-by-layer checking is torch only).
+        max_check_memory: Bytes the float64 values of the weights may take (``None``: the free
+            memory of the model's device; no limit on a TensorFlow GPU, which reports none). Over
+            it, calls are recorded in the model's dtype and each layer is checked with float64
+            values of its own weights; a layer too large alone is in ``skipped``.
 
     Returns:
         A :class:`~gradwatch.LocalizationReport`; ``str(report)`` is a tree with the culprit
