@@ -284,6 +284,13 @@ class LocalizationReport:
                 return f"no module could be checked{why}"
             if any(m.verdict == "fail" for m in self.modules):
                 return "no single module is the culprit"
+            unsure = sum(m.verdict == "inconclusive" for m in self.modules)
+            if unsure:
+                agree = len(self.modules) - unsure
+                return (
+                    f"no module's backward was shown wrong: {agree} agree with finite "
+                    f"differences, {unsure} inconclusive"
+                )
             return f"every checked module's backward agrees with finite differences ({len(self.modules)} modules)"
         text = _culprit_sentence(found)
         others = [c for c in self.culprits if c != found.name]

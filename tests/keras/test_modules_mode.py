@@ -53,6 +53,7 @@ def test_over_max_check_memory_the_layers_are_checked_alone():
     report = check_gradients(model, *_batch(), max_check_memory=64)
     assert report.mode == "modules", str(report)
     assert any("checked instead (as mode='modules')" in n for n in report.notes), report.notes
+    assert any("too large to check alone" in n for n in report.notes), report.notes
     assert report.verdict == "fail" and {e.module for e in report.events} == {"act"}
 
 

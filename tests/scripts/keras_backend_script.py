@@ -167,6 +167,21 @@ def localizations() -> dict[str, object]:
     return out
 
 
+def modules_checks() -> dict[str, object]:
+    """check_gradients(mode="modules") on each planted bug and correct model."""
+    x, y = km.data("mlp", seed=3, n=16)
+    out: dict[str, object] = {}
+    for name, (make, _) in CASES.items():
+        keras.utils.set_random_seed(1)
+        r = check_gradients(make(), x, y, mode="modules")
+        out[name] = {
+            "verdict": r.verdict,
+            "dtype": r.dtype,
+            "modules": sorted({e.module for e in r.events if e.module}),
+        }
+    return out
+
+
 def main() -> None:
     out: dict[str, object] = {"backend": keras.backend.backend()}
     verdicts = {}
@@ -187,6 +202,7 @@ def main() -> None:
     out["healthy"] = verdicts
     out["unclonable"] = unclonable()
     out["localize"] = localizations()
+    out["modules"] = modules_checks()
     keras.utils.set_random_seed(0)
     bad = km.compiled(
         keras.Sequential(

@@ -134,7 +134,7 @@ class GradWatch(WatchRecords, keras.callbacks.Callback):  # type: ignore[misc]
         """The latest localizations: one per failing check that was localized (at most 16).
 
         When a check fails, the layer whose own backward is wrong is looked for on the same batch
-        (:func:`gradwatch.keras.localize`; TensorFlow backend): the first failing check always,
+        (:func:`gradwatch.keras.localize`): the first failing check always,
         later ones while localizing stays within ``max_overhead``. The culprit is named in the
         check's ``mismatch``/``disconnected`` events (``module`` and the message).
         """

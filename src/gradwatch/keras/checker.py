@@ -306,11 +306,16 @@ class KerasChecker:
         )
 
     def _too_large(self) -> bool:
-        """Whether float64 values of the model's weights would exceed ``max_check_memory``."""
-        if self.max_check_memory is None or self.dtype_name != "float64":
+        """Whether float64 values of the model's weights would exceed ``max_check_memory`` (or
+        the free memory of the model's device, when it is ``None``)."""
+        if self.dtype_name != "float64":
             return False
-        need = sum(int(np.prod(w.shape)) * 8 for w in self.model.weights)
-        return need > self.max_check_memory
+        from gradwatch.keras.local_backends import float64_bytes, free_memory
+
+        limit = self.max_check_memory
+        if limit is None:
+            limit = free_memory(self.model)
+        return limit is not None and float64_bytes(self.model.weights) > limit
 
     def _check_layers(
         self, x: Any, y: Any, sample_weight: Any, data: Any, step: int | None, seed: int
@@ -335,15 +340,16 @@ class KerasChecker:
         found: LocalizationReport = self._localizer.localize(
             x, y, sample_weight, data=data, seed=seed
         )
-        rtol = tolerances_for(np.dtype(np.float64), self.rtol).rtol
+        precision = self._localizer.precision  # float32 on JAX without JAX_ENABLE_X64
+        rtol = tolerances_for(np.dtype(precision), self.rtol).rtol
         notes = list(self.notes)
         if self.mode != "modules":
             notes.append(
-                f"mode={self.mode!r} needs float64 values of every weight, over "
-                f"max_check_memory={self.max_check_memory}: each layer's own backward was "
-                f"checked instead (as mode='modules')"
+                f"mode={self.mode!r} needs float64 values of every weight, more than the "
+                f"memory limit: each layer's own backward was checked instead (as "
+                f"mode='modules')"
             )
-        return found.as_check(rtol=rtol, step=step, notes=notes)
+        return found.as_check(rtol=rtol, step=step, dtype=precision, notes=notes)
 
 
 def _pack(x: Any, y: Any, sample_weight: Any) -> Any:
@@ -388,10 +394,10 @@ def check_gradients(
         num_params, mode, dtype, eps, rtol, seed, include, exclude: as
             :func:`gradwatch.torch.check_gradients`; ``include``/``exclude`` match variable paths
             (layer paths such as ``block.act`` in ``mode="modules"``, which checks each layer's
-            own backward alone, as :func:`gradwatch.keras.localize` does; TensorFlow backend).
-        max_check_memory: Bytes the float64 values of the weights may take (``None``: no
-            limit); over it, each layer is checked alone, as :func:`gradwatch.keras.localize`
-            does under the same limit.
+            own backward alone, as :func:`gradwatch.keras.localize` does).
+        max_check_memory: Bytes the float64 values of the weights may take (``None``: the free
+            memory of the model's device, where the backend reports it); over it, each layer is
+            checked alone, as :func:`gradwatch.keras.localize` does under the same limit.
 
     Raises:
         ValueError: An uncompiled model without ``loss=``, an unbuilt model, bad arguments.

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -24,6 +23,7 @@ from torch import nn
 
 from gradwatch import options as v
 from gradwatch.core.local import check_local
+from gradwatch.core.memory import available_ram
 from gradwatch.localization import ROOT, LocalizationReport, ModuleResult, module_result
 from gradwatch.report import CheckReport
 from gradwatch.torch.evaluate import Evaluator, LossFn, host_rng_preserved
@@ -47,22 +47,12 @@ def float64_bytes(module: nn.Module) -> int:
 def free_memory(device: torch.device) -> int | None:
     """The free memory the device reports, in bytes (``None`` when it cannot be read).
 
-    CUDA: ``torch.cuda.mem_get_info``; CPU: ``MemAvailable`` from ``/proc/meminfo`` (Linux), else
-    the free pages ``os.sysconf`` reports.
+    CUDA: ``torch.cuda.mem_get_info``; otherwise the host's available RAM
+    (:func:`gradwatch.core.memory.available_ram`).
     """
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
+    return available_ram()
 
 
 class _Recorder:
