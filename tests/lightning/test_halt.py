@@ -230,8 +230,8 @@ def test_a_fused_optimizer_under_a_grad_scaler_skips_the_halted_update():
     x, y = next(iter(loader()))
     scaler.scale(F.cross_entropy(model(x), y) * 1e30).backward()  # finite, far over the limit
     cb = GradWatch(enable_checks=False, on_explode="halt")
-    cb._stats = []
-    cb._saved_stats = []
+    cb._update_guard.stats = []  # no running statistics to put back in this test
+    cb._update_guard.saved_stats = []
     cb._skip_update(opt, scaler)
     scaler.step(opt)  # the fused step sees NaN and skips; the scaler saw its inf check
     scaler.update()

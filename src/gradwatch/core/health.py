@@ -32,6 +32,9 @@ tensors of its layer while those are healthy. Measured: Keras ``MultiHeadAttenti
 ``*_project_bn/beta`` (BatchNorm → 1×1 conv → BatchNorm) at 1.5e-7 to 4.5e-7 of their gamma;
 learning tensors never below 5e-3 of their layer's largest.
 
+The vanishing limits and the exemptions are computed in :mod:`gradwatch.core.vanish_limits`; this
+module keeps the episodes, the history and the exploding rule.
+
 Exploding: RMS above ``explode_threshold = 1e3`` (far beyond any healthy run measured here, 1e-5
 to 1e-1), or above ``jump_factor = 1e3`` times the median of the tensor's last ``window``
 observations (after ``min_history``), well above the 10-100× swings of loss spikes.
@@ -40,13 +43,13 @@ observations (after ``min_history``), well above the 10-100× swings of loss spi
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from gradwatch.core.vanish_limits import ROUNDING_RATIO, VanishLimits, layer_prefix
 from gradwatch.report import GradientEvent
 
 __all__ = [
@@ -64,9 +67,6 @@ SKIPPED_STEPS_EVENT = 10
 #: An episode ends when the value is back beyond this factor of its threshold (above twice a
 #: vanishing threshold, below half an exploding one).
 HYSTERESIS = 2.0
-#: A gradient RMS at most this fraction of the largest of its (healthy) layer neighbours is
-#: rounding noise of a true zero (see the module docstring for the measurements).
-ROUNDING_RATIO = 1e-4
 
 
 @dataclass(frozen=True)
@@ -104,17 +104,6 @@ class HealthThresholds:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def layer_prefix(name: str) -> str:
-    """The layer part of a parameter name: ``"fc1.bias"`` → ``"fc1"``, ``"seq/dense/bias"`` → ``"seq/dense"``.
-
-    Example:
-        >>> layer_prefix("net.0.weight"), layer_prefix("model/dense_1/kernel"), layer_prefix("w")
-        ('net.0', 'model/dense_1', '')
-    """
-    cut = max(name.rfind("."), name.rfind("/"))
-    return name[:cut] if cut > 0 else ""
 
 
 def skipped_steps_event(
@@ -162,22 +151,15 @@ class HealthMonitor:
     def __init__(self, shapes: Mapping[str, Sequence[int]], thresholds: HealthThresholds) -> None:
         self.thresholds = thresholds
         self.order = list(shapes)
-        self._numel = np.array([max(1, math.prod(s)) for s in shapes.values()], dtype=np.float64)
-        weights = [n for n, s in shapes.items() if len(s) >= 2]
-        weight_layers = {layer_prefix(n) for n in weights}
-        self.weights = set(weights)
-        self.followers = {
-            n
-            for n, s in shapes.items()
-            if len(s) < 2 and layer_prefix(n) in weight_layers and layer_prefix(n) != ""
-        }
-        self.reference = weights[-1] if weights else None
+        # What the vanishing rules know of the tensors: weights, followers, evidence of zeros.
+        self._limits = VanishLimits(shapes, thresholds)
+        self.weights = self._limits.weights
+        self.followers = self._limits.followers
+        self.reference = self._limits.reference
         self._count: dict[str, int] = {}
         self._active: set[str] = set()
         self._structural: set[str] = set()
-        self._zero: set[str] = set()
         self._seen: set[str] = set()
-        self._weight_rms: np.ndarray | None = None
         # Recent history as a ring buffer, one row per tensor (vectorised per-step work).
         self._index: dict[str, int] = {}
         self._ring = np.zeros((0, thresholds.window))
@@ -186,14 +168,8 @@ class HealthMonitor:
         for name in self.order:
             self._row(name)
         n = len(self.order)
-        self._is_weight = np.array([x in self.weights for x in self.order], dtype=bool)
-        self._follower = np.array([x in self.followers for x in self.order], dtype=bool)
-        self._not_ref = np.array([x != self.reference for x in self.order], dtype=bool)
-        self._ref_index = self.order.index(self.reference) if self.reference is not None else -1
-        self._neighbours = _layer_neighbours(self.order)
         self._fast_ready = n > 0
         self._all_rows = np.arange(n)
-        self._exempt_cache: tuple[frozenset[str], np.ndarray] | None = None
 
     # -- evidence from outside ---------------------------------------------------------------
     def observe_weights(self, norms: Mapping[str, float]) -> None:
@@ -208,9 +184,7 @@ class HealthMonitor:
             >>> [e.param for e in mon.observe(0, {"a": 1e-6, "b": 1e-1, "c": 1e-1})]
             ['a']
         """
-        values = [norms.get(n, math.nan) for n in self.order]
-        rms = np.array(values, dtype=np.float64) / np.sqrt(self._numel)
-        self._weight_rms = np.where(np.isfinite(rms) & (rms > 0), rms, np.nan)
+        self._limits.observe_weights(norms)
 
     def mark_zero(self, labels: Mapping[str, bool]) -> None:
         """What a gradient check found: name → whether all its checked entries were ``zero``.
@@ -225,11 +199,7 @@ class HealthMonitor:
             >>> mon.observe(0, {"k.w": 1e-2, "k.b": 1e-8})
             []
         """
-        for name, zero in labels.items():
-            if zero:
-                self._zero.add(name)
-            else:
-                self._zero.discard(name)
+        self._limits.mark_zero(labels)
 
     # -- history -----------------------------------------------------------------------------
     def _row(self, name: str) -> int:
@@ -259,69 +229,9 @@ class HealthMonitor:
         self._filled[rows] = np.minimum(self._filled[rows] + 1, self.thresholds.window)
 
     # -- conditions ------------------------------------------------------------------------
-    def _exempt(self) -> np.ndarray:
-        """Tensors exempt from vanishing whatever their values: followers, zeros from the start."""
-        key = frozenset(self._structural)
-        if self._exempt_cache is None or self._exempt_cache[0] != key:
-            zero = np.array([n in key for n in self.order], dtype=bool)
-            self._exempt_cache = (key, self._follower | zero)
-        return self._exempt_cache[1]
-
     def _vanish_limits(self, block: np.ndarray) -> np.ndarray:
-        """Each value's vanishing threshold (rows of ``block`` in model order; 0: not judged).
-
-        ``NaN`` marks a tensor not observed in that row. Example: with weight norms known, a
-        weight's threshold is the larger of ``vanish_threshold`` and ``vanish_factor`` times the
-        row's median ``‖g‖/‖w‖`` times its own weight RMS.
-        """
-        th = self.thresholds
-        exempt = self._exempt()
-        limits = np.where(exempt, 0.0, th.vanish_threshold)[None, :].repeat(len(block), axis=0)
-        if self._weight_rms is not None:
-            w = self._weight_rms
-            cols = self._is_weight & ~exempt & np.isfinite(w)
-            if cols.any():
-                with np.errstate(all="ignore"):
-                    ratio = block[:, cols] / w[cols]
-                finite = np.isfinite(ratio)
-                if finite.all():  # the every-block path: a plain median, no warning machinery
-                    median = np.median(ratio, axis=1)
-                else:
-                    ratio = np.where(finite, ratio, np.nan)
-                    with np.errstate(all="ignore"), warnings.catch_warnings():
-                        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row
-                        median = np.nanmedian(ratio, axis=1)
-                relative = th.vanish_factor * median[:, None] * w[cols][None, :]
-                limits[:, cols] = np.fmax(limits[:, cols], relative)
-        elif self._ref_index >= 0:
-            ref = block[:, self._ref_index]
-            good = np.isfinite(ref) & (ref > 0)
-            first_last = np.where(good, np.minimum(th.vanish_ceiling, th.vanish_ratio * ref), 0.0)
-            cols = self._is_weight & ~exempt & self._not_ref
-            limits[:, cols] = np.fmax(limits[:, cols], first_last[:, None])
-        self._clear_rounding(block, limits)
-        return limits
-
-    def _clear_rounding(self, block: np.ndarray, limits: np.ndarray) -> None:
-        """Set to 0 the limits of structural zeros: values next to a healthy layer neighbour that
-        are at rounding level, or that a check labelled ``zero``.
-
-        A labelled tensor whose whole layer is small is still judged: a check also labels the
-        entries of a truly vanishing gradient ``zero``.
-        """
-        th = self.thresholds
-        with np.errstate(invalid="ignore"):
-            below = (block < limits).any(axis=0)
-        for i in np.nonzero(below)[0]:
-            neighbours = self._neighbours.get(int(i))
-            if neighbours is None:
-                continue
-            others = block[:, neighbours]
-            top = np.where(np.isfinite(others), others, -np.inf).max(axis=1)
-            labelled = self.order[i] in self._zero
-            with np.errstate(invalid="ignore"):
-                small = labelled | (block[:, i] <= ROUNDING_RATIO * top)
-                limits[small & (top >= th.vanish_threshold), i] = 0.0
+        """Each value's vanishing threshold (rows of ``block`` in model order; 0: not judged)."""
+        return self._limits.of(block, self._structural)
 
     def _explode_limit(self, name: str) -> float:
         """The value above which ``name`` is exploding now (absolute, or a jump over its median)."""
@@ -494,8 +404,12 @@ class HealthMonitor:
     def _vanishing_event(self, step: int, name: str, value: float, limit: float) -> GradientEvent:
         th = self.thresholds
         why = f"RMS {value:.3g} below {limit:.3g}"
-        if limit > th.vanish_threshold and self._weight_rms is not None and name in self._index:
-            w = float(self._weight_rms[self.order.index(name)])
+        if (
+            limit > th.vanish_threshold
+            and self._limits.weight_rms is not None
+            and name in self._index
+        ):
+            w = float(self._limits.weight_rms[self.order.index(name)])
             why = (
                 f"‖g‖/‖w‖ = {value / w:.3g}, below {th.vanish_factor:g} × the median over the "
                 f"model's weight tensors ({limit / w:.3g})"
@@ -519,10 +433,12 @@ class HealthMonitor:
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready state (patience counters, open episodes, recent history, evidence)."""
         weights = {}
-        if self._weight_rms is not None:
+        if self._limits.weight_rms is not None:
             weights = {
                 n: float(x * math.sqrt(k))
-                for n, x, k in zip(self.order, self._weight_rms, self._numel, strict=True)
+                for n, x, k in zip(
+                    self.order, self._limits.weight_rms, self._limits.numel, strict=True
+                )
                 if math.isfinite(x)
             }
         return {
@@ -530,7 +446,7 @@ class HealthMonitor:
             "count": dict(self._count),
             "active": sorted(self._active),
             "structural": sorted(self._structural),
-            "zero": sorted(self._zero),
+            "zero": sorted(self._limits.zero),
             "seen": sorted(self._seen),
             "weight_norms": weights,
         }
@@ -548,25 +464,10 @@ class HealthMonitor:
         self._count = {str(k): int(v) for k, v in state.get("count", {}).items()}
         self._active = set(state.get("active", ()))
         self._structural = set(state.get("structural", ()))
-        self._zero = set(state.get("zero", ()))
+        self._limits.zero = set(state.get("zero", ()))
         self._seen = set(state.get("seen", ()))
         if state.get("weight_norms"):
             self.observe_weights({str(k): float(v) for k, v in state["weight_norms"].items()})
-
-
-def _layer_neighbours(order: Sequence[str]) -> dict[int, np.ndarray]:
-    """Column → columns of the other tensors of its layer (same :func:`layer_prefix`)."""
-    layers: dict[str, list[int]] = {}
-    for i, name in enumerate(order):
-        prefix = layer_prefix(name)
-        if prefix:
-            layers.setdefault(prefix, []).append(i)
-    return {
-        i: np.array([j for j in members if j != i])
-        for members in layers.values()
-        if len(members) > 1
-        for i in members
-    }
 
 
 def _nonfinite_event(step: int, bad: Sequence[str]) -> GradientEvent:

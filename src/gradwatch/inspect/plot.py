@@ -9,7 +9,8 @@ a marker per check: the worst relative error of its tensors, green within ``rtol
 above it, and at the right of the row how many checks failed and the worst error.
 
 Labels never overlap: every text sits on its own row, and the row height and font size follow the
-number of tensors (a 200-tensor run is a tall figure with small type, not a tangle).
+number of tensors (a 200-tensor run is a tall figure with small type, not a tangle); the texts
+and sizes are computed in :mod:`~gradwatch.inspect.plot_layout`, drawn here.
 
 Example:
     >>> from gradwatch.inspect.read import RunData
@@ -21,17 +22,28 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gradwatch.inspect.plot_data import RunPicture, picture_of, shorten_left, tail_of
+from gradwatch.inspect.plot_data import RunPicture, picture_of, shorten_left
+from gradwatch.inspect.plot_layout import (
+    ABOVE_STRIP_IN,
+    BELOW_HEAT_IN,
+    CBAR_IN,
+    HEAT_IN,
+    LABEL_CHARS,
+    TOP_IN,
+    Layout,
+    Notes,
+    group_labels,
+    is_related,
+    row_labels,
+)
 from gradwatch.inspect.read import InspectError, RunData
 
 if TYPE_CHECKING:
@@ -40,11 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = ["check_output", "plot", "plot_figure"]
 
-#: Widest label, in characters; a longer name keeps its tail after an ellipsis.
-LABEL_CHARS = 48
 DPI = 100
-_HEAT_IN = 6.0  # heatmap width (inches)
-_TOP_IN, _BELOW_HEAT_IN, _CBAR_IN, _ABOVE_STRIP_IN, _BOTTOM_IN = 0.9, 0.7, 0.13, 1.0, 0.55
 _MISSING, _ZERO, _NONFINITE = "#e3e3e3", "white", "black"
 _FAIL, _PASS, _QUIET = "#c0392b", "#2e8b57", "0.35"
 _MARKS = {
@@ -92,105 +100,6 @@ def check_output(out: str | os.PathLike[str]) -> Path:
 
 
 # -- texts and sizes -------------------------------------------------------------------------------
-
-
-@dataclass
-class _Notes:
-    """The texts at the right of the rows: per tensor row, per group header, per strip row."""
-
-    rows: dict[int, str] = field(default_factory=dict)
-    failing: set[int] = field(default_factory=set)
-    headers: dict[int, str] = field(default_factory=dict)
-    strips: dict[int, tuple[str, bool]] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, p: RunPicture) -> _Notes:
-        notes = cls()
-        for row, name in enumerate(p.tensors):
-            parts = [p.failures[name].label()] if name in p.failures else []
-            kinds = {k: c for (r, c), k in sorted(p.cells.items(), reverse=True) if r == row}
-            parts += [f"{k} at step {p.steps[c]}" for k, c in sorted(kinds.items())]
-            if parts:
-                notes.rows[row] = "; ".join(parts)
-            if name in p.failures:
-                notes.failing.add(row)
-        for index, group in enumerate(p.groups):
-            inside = [m for m in p.modules if _related(m, group.name)]
-            if inside:
-                where = ", ".join(
-                    "this module" if m == group.name else tail_of(m, group.name) for m in inside
-                )
-                notes.headers[index] = f"← localized: {shorten_left(where, LABEL_CHARS)}"
-        for index in {c.group for c in p.checks}:
-            mine = [c for c in p.checks if c.group == index]
-            worst = max((c.value for c in mine if not math.isnan(c.value)), default=math.nan)
-            failed = sum(c.failed for c in mine)
-            text = f"✗ {failed}/{len(mine)} checks fail, worst {worst:.2g}"
-            notes.strips[index] = (text, True) if failed else (f"worst {worst:.2g}", False)
-        return notes
-
-    def widest(self) -> int:
-        texts = [*self.rows.values(), *self.headers.values()]
-        texts += [t for t, _ in self.strips.values()]
-        return max(map(len, texts), default=0)
-
-
-def _related(module: str, group: str) -> bool:
-    """A localized module lies in a group, or the group lies in the module."""
-    return module == group or module.startswith(group + ".") or group.startswith(module + ".")
-
-
-def _row_labels(p: RunPicture) -> list[str]:
-    return [shorten_left(tail_of(t, g.name), LABEL_CHARS) for g in p.groups for t in g.tensors]
-
-
-def _group_labels(p: RunPicture) -> list[str]:
-    return [shorten_left(g.name, LABEL_CHARS) for g in p.groups]
-
-
-def _text_inches(chars: int, font: float) -> float:
-    return chars * font * 0.62 / 72
-
-
-def _font(row_in: float) -> float:
-    """Type that fits a row of ``row_in`` inches (below 4 pt, labels are left out)."""
-    return min(9.0, row_in * 72 * 0.62)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Sizes of one run's column (inches, points)."""
-
-    row_in: float
-    font: float
-    strip_font: float
-    label_in: float
-    note_in: float
-    heat_h: float
-    strip_h: float
-
-    @classmethod
-    def of(cls, p: RunPicture, notes: _Notes) -> _Layout:
-        units = len(p.tensors) + len(p.groups)
-        # up to ~100 rows the heatmap is ~14 in tall; beyond, rows shrink to 0.13 in (6 pt type)
-        row_in = max(0.13, min(0.22, 14.0 / max(1, units))) if units <= 400 else 52.0 / units
-        strip_row_in = max(row_in, 0.2)
-        font, strip_font = _font(row_in), _font(strip_row_in)
-        rows = max(map(len, _row_labels(p)), default=0)
-        groups = max(map(len, _group_labels(p)), default=0)
-        label_in = max(_text_inches(rows, font), 1.1 * _text_inches(groups, strip_font)) + 0.3
-        note_in = max(0.4, _text_inches(notes.widest(), max(font, strip_font)) + 0.3)
-        strip_h = max(1, len(p.groups)) * strip_row_in + 0.1
-        return cls(row_in, font, strip_font, label_in, note_in, max(units, 1) * row_in, strip_h)
-
-    @property
-    def width(self) -> float:
-        return self.label_in + _HEAT_IN + self.note_in
-
-    @property
-    def height(self) -> float:
-        middle = _BELOW_HEAT_IN + _CBAR_IN + _ABOVE_STRIP_IN
-        return _TOP_IN + self.heat_h + middle + self.strip_h + _BOTTOM_IN
 
 
 # -- the heatmap -----------------------------------------------------------------------------------
@@ -275,7 +184,7 @@ def _draw_images(ax: Axes, p: RunPicture, headers: list[float]) -> Any:
 
 
 def _label_rows(
-    ax: Axes, p: RunPicture, notes: _Notes, layout: _Layout, where: tuple[list[float], list[float]]
+    ax: Axes, p: RunPicture, notes: Notes, layout: Layout, where: tuple[list[float], list[float]]
 ) -> None:
     from matplotlib.transforms import blended_transform_factory
 
@@ -283,14 +192,14 @@ def _label_rows(
     across = blended_transform_factory(ax.transAxes, ax.transData)
     font = max(layout.font, 4.0)
     show = layout.font >= 4.0
-    ax.set_yticks(rows, _row_labels(p) if show else [])
+    ax.set_yticks(rows, row_labels(p) if show else [])
     ax.tick_params(axis="y", labelsize=font, length=0, pad=2)
     for row, tick in enumerate(ax.get_yticklabels()):
         if row in notes.failing:
             tick.set_color(_FAIL)
             tick.set_fontweight("bold")
-    for index, (label, y) in enumerate(zip(_group_labels(p), headers, strict=True)):
-        related = any(_related(m, p.groups[index].name) for m in p.modules)
+    for index, (label, y) in enumerate(zip(group_labels(p), headers, strict=True)):
+        related = any(is_related(m, p.groups[index].name) for m in p.modules)
         ax.text(
             -0.005,
             y,
@@ -349,13 +258,13 @@ def _title(p: RunPicture) -> str:
         parts.append(f"{len(p.failures)} fail a check (red)")
     if p.cells:
         parts.append(f"{len(p.cells)} health event(s) outlined")
-    stray = [m for m in p.modules if not any(_related(m, g.name) for g in p.groups)]
+    stray = [m for m in p.modules if not any(is_related(m, g.name) for g in p.groups)]
     if stray:
         parts.append("localized: " + ", ".join(shorten_left(m, LABEL_CHARS) for m in stray))
     return f"{p.name}: gradient {what} per tensor and step\n" + "; ".join(parts)
 
 
-def _draw_heatmap(ax: Axes, p: RunPicture, notes: _Notes, layout: _Layout) -> tuple[Any, str]:
+def _draw_heatmap(ax: Axes, p: RunPicture, notes: Notes, layout: Layout) -> tuple[Any, str]:
     """The heatmap of one run; returns its colour mapping and what it shows (RMS or norm)."""
     headers, rows = _positions(p)
     image = _draw_images(ax, p, headers)
@@ -416,7 +325,7 @@ def _draw_colorbar(fig: Figure, cax: Axes, image: Any, what: str) -> None:
 # -- the strip of checks ---------------------------------------------------------------------------
 
 
-def _draw_strip(ax: Axes, p: RunPicture, notes: _Notes, layout: _Layout) -> None:
+def _draw_strip(ax: Axes, p: RunPicture, notes: Notes, layout: Layout) -> None:
     """One row per module group, one marker per check; the notes say what failed."""
     from matplotlib.ticker import MaxNLocator
     from matplotlib.transforms import blended_transform_factory
@@ -427,7 +336,7 @@ def _draw_strip(ax: Axes, p: RunPicture, notes: _Notes, layout: _Layout) -> None
         loc="left",
     )
     ax.set_ylim(max(1, len(p.groups)) - 0.5, -0.5)
-    ax.set_yticks(range(len(p.groups)), _group_labels(p))
+    ax.set_yticks(range(len(p.groups)), group_labels(p))
     ax.tick_params(axis="y", labelsize=layout.strip_font, length=0)
     for index, tick in enumerate(ax.get_yticklabels()):
         if notes.strips.get(index, ("", False))[1]:
@@ -489,16 +398,16 @@ def _axes(fig: Figure, size: tuple[float, float], box: tuple[float, float, float
 
 
 def _draw_run(fig: Figure, p: RunPicture, x0: float, size: tuple[float, float]) -> None:
-    notes = _Notes.of(p)
-    layout = _Layout.of(p, notes)
+    notes = Notes.of(p)
+    layout = Layout.of(p, notes)
     left = x0 + layout.label_in
-    heat = _axes(fig, size, (left, _TOP_IN, _HEAT_IN, layout.heat_h))
+    heat = _axes(fig, size, (left, TOP_IN, HEAT_IN, layout.heat_h))
     image, what = _draw_heatmap(heat, p, notes, layout)
-    top = _TOP_IN + layout.heat_h + _BELOW_HEAT_IN
-    cax = _axes(fig, size, (left, top, 0.4 * _HEAT_IN, _CBAR_IN))
+    top = TOP_IN + layout.heat_h + BELOW_HEAT_IN
+    cax = _axes(fig, size, (left, top, 0.4 * HEAT_IN, CBAR_IN))
     _draw_colorbar(fig, cax, image, what)
-    top += _CBAR_IN + _ABOVE_STRIP_IN
-    _draw_strip(_axes(fig, size, (left, top, _HEAT_IN, layout.strip_h)), p, notes, layout)
+    top += CBAR_IN + ABOVE_STRIP_IN
+    _draw_strip(_axes(fig, size, (left, top, HEAT_IN, layout.strip_h)), p, notes, layout)
 
 
 def plot_figure(runs: Sequence[RunData], param: str | None = None) -> Figure:
@@ -516,7 +425,7 @@ def plot_figure(runs: Sequence[RunData], param: str | None = None) -> Figure:
 
     pattern = re.compile(param) if param else None
     pictures = [picture_of(run, pattern) for run in runs]
-    layouts = [_Layout.of(p, _Notes.of(p)) for p in pictures]
+    layouts = [Layout.of(p, Notes.of(p)) for p in pictures]
     size = (sum(lay.width for lay in layouts), max(lay.height for lay in layouts))
     fig = Figure(figsize=size)
     x0 = 0.0

@@ -12,8 +12,8 @@ when it reads the block); on the torch backend with one boolean host read per st
 judged from their norms, never from the loss (oneDNN's ReLU maps NaN to 0, so a finite loss is no
 proxy); a float32 sum of squares that overflows is recomputed in float64 inside the graph.
 
-**Capture** keeps the batch of a step a check is due on: a ``tf.py_function`` inside ``tf.cond``;
-under ``jit_compile=True`` (XLA cannot compile a ``py_function``) zero-padded variables of
+**Capture** keeps the batch of a step a check is due on (:mod:`~gradwatch.keras.capture`): a
+``tf.py_function`` inside ``tf.cond``; under ``jit_compile=True`` zero-padded variables of
 :data:`CAPACITY` rows per input leaf plus a row count.
 
 Installed at ``on_train_begin``, removed at ``on_train_end`` (the train function is rebuilt both
@@ -34,44 +34,11 @@ import numpy.typing as npt
 
 from gradwatch.keras import _compat
 from gradwatch.keras.backend import to_numpy
+from gradwatch.keras.capture import CAPACITY, BatchCapture
+from gradwatch.keras.wrappers import jit_compiled, mark_wrapper, repair
 from gradwatch.watch.watcher import HEALTH_BLOCK
 
 __all__ = ["CAPACITY", "Taps", "repair"]
-
-#: Rows of a batch the XLA-safe capture keeps (a larger batch is checked on its first rows).
-CAPACITY = 64
-#: Marks every attribute gradwatch sets on a model or optimizer.
-_MARK = "_gradwatch_wrapper"
-
-
-def _mark(fn: Any) -> Any:
-    setattr(fn, _MARK, True)
-    return fn
-
-
-def repair(model: Any) -> bool:
-    """Remove every gradwatch wrapper left on ``model`` and its optimizer; rebuild if any was.
-
-    Example:
-        >>> repair(object())
-        False
-    """
-    found = False
-    opt = getattr(model, "optimizer", None)
-    owners = [model, opt, getattr(opt, "inner_optimizer", None)]
-    for obj in owners:
-        attrs = getattr(obj, "__dict__", {})
-        for name in [k for k, v in attrs.items() if getattr(v, _MARK, False)]:
-            delattr(obj, name)
-            found = True
-    if found:
-        model.train_function = None
-    return found
-
-
-def _jit(model: Any) -> bool:
-    """Whether the model's train function is compiled with XLA (``jit_compile`` resolved)."""
-    return not getattr(model, "run_eagerly", False) and bool(getattr(model, "jit_compile", False))
 
 
 class Taps:
@@ -80,11 +47,8 @@ class Taps:
     def __init__(self) -> None:
         self.names: list[str] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.stash: Any = None
-        self.due_now = False
+        self.capture = BatchCapture()  # the batch of a step a check is due on
         self.urgent = False  # torch backend: this step's update was skipped by the guard
-        self.capped: tuple[int, int] | None = None  # (rows kept, batch rows) of a trimmed capture
-        self.no_capture: str | None = None  # why the XLA-safe capture could not be built
         self._ring: Any = None  # TF: a (HEALTH_BLOCK, n + 1) ring of [norms..., seq]
         self._seq: Any = None  # TF: the in-graph sequence number of the last stored row
         self._torch_rows: list[tuple[int, Any]] = []  # torch: (seq, norm vector) since last read
@@ -98,13 +62,9 @@ class Taps:
         self.no_skip: str | None = None  # why the guard cannot skip inside the graph
         self._skip_total: Any = None  # TF: steps skipped by the LSO or the guard, this fit
         self._skip_run: Any = None  # TF: of which the last ones in a row
-        self._due_var: Any = None
         self._skipped: Any = None  # TF: whether this step's update was skipped
         self._ours: Any = None  # TF: skipped by the guard (not by a LossScaleOptimizer)
         self._tracking = False  # TF, at trace time: the train step tracks skips
-        self._slots: list[Any] = []  # XLA capture: one padded variable per input leaf
-        self._rows_var: Any = None
-        self._structure: Any = None
         self._installed: list[tuple[Any, str]] = []
         self._guard = False
         self._explode: float | None = None
@@ -136,11 +96,11 @@ class Taps:
         """
         self.uninstall(model, rebuild=False)
         repair(model)  # wrappers an interrupted fit left behind
-        self.stash, self.due_now, self.urgent, self.capped = None, False, False, None
-        self.no_capture = self.no_skip = None
+        self.capture.reset()
+        self.urgent, self.no_skip = False, None
         self.lso = False
         self._guard, self._explode = guard and norms, explode
-        self._jit = keras.backend.backend() == "tensorflow" and _jit(model)
+        self._jit = keras.backend.backend() == "tensorflow" and jit_compiled(model)
         self._spe = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         if norms:
             self._install_norms(model, step)
@@ -158,10 +118,10 @@ class Taps:
             with contextlib.suppress(AttributeError):
                 delattr(obj, name)
         self._installed = []
-        self._ring = self._seq = self._due_var = self._rows_var = self._skipped = None
+        self._ring = self._seq = self._skipped = None
         self._ours = self._skip_total = self._skip_run = None
         self._bounds = {}
-        self._slots = []
+        self.capture.release()
         self.norms_on = False
         if rebuild:
             model.train_function = None
@@ -181,7 +141,7 @@ class Taps:
                 return model.make_train_function(force=True)
             return original(force=force)
 
-        model.make_train_function = _mark(make_train_function)
+        model.make_train_function = mark_wrapper(make_train_function)
         self._installed.append((model, "make_train_function"))
 
     def _install_norms(self, model: Any, step: int) -> None:
@@ -245,7 +205,7 @@ class Taps:
                 taps._ours.assign(tf.logical_not(applied))
             return None
 
-        inner.apply = _mark(apply)
+        inner.apply = mark_wrapper(apply)
         self._installed.append((inner, "apply"))
         self.norms_on = True
 
@@ -392,7 +352,7 @@ class Taps:
             import tensorflow as tf
 
             with tf.init_scope():
-                self._due_var = tf.Variable(False, trainable=False, name="gradwatch_due")
+                self.capture.due_var = tf.Variable(False, trainable=False, name="gradwatch_due")
                 if track:
                     self._skipped = tf.Variable(False, trainable=False, name="gradwatch_skipped")
                     self._ours = tf.Variable(False, trainable=False, name="gradwatch_guard_skip")
@@ -400,9 +360,10 @@ class Taps:
             def train_step(data: Any) -> Any:
                 if capture:
                     flat = [tf.convert_to_tensor(t) for t in keras.tree.flatten(data)]
-                    keep = taps._xla_keep(data, flat) if taps._jit else taps._py_keep(data, flat)
+                    cap = taps.capture
+                    keep = cap.xla_keep(data, flat) if taps._jit else cap.py_keep(data, flat)
                     if keep is not None:
-                        tf.cond(taps._due_var, keep, lambda: tf.constant(0))
+                        tf.cond(cap.due_var, keep, lambda: tf.constant(0))
                 # What a skipped update must not leave behind: the non-trainable float state
                 # (read at trace time: a model built during fit has it by now).
                 state = [v for v in model.non_trainable_variables if "float" in str(v.dtype)]
@@ -441,8 +402,8 @@ class Taps:
         else:
 
             def train_step(data: Any) -> Any:
-                if taps.due_now:
-                    taps.stash = keras.tree.map_structure(
+                if taps.capture.due_now:
+                    taps.capture.stash = keras.tree.map_structure(
                         lambda t: to_numpy(t) if t is not None else None, data
                     )
                 if not taps._guard:
@@ -455,7 +416,7 @@ class Taps:
                         v.assign(value)
                 return logs
 
-        model.train_step = _mark(train_step)
+        model.train_step = mark_wrapper(train_step)
         self._installed.append((model, "train_step"))
 
     def skip_counts(self) -> tuple[int, int]:
@@ -464,85 +425,29 @@ class Taps:
             return 0, 0
         return int(self._skip_total.numpy()), int(self._skip_run.numpy())
 
-    def _py_keep(self, data: Any, flat: list[Any]) -> Any:
-        """The batch to the host through ``tf.py_function`` (exact; not XLA-compilable)."""
-        import tensorflow as tf
-
-        taps = self
-
-        def keep() -> Any:
-            def to_host(*arrays: Any) -> int:
-                taps.stash = keras.tree.pack_sequence_as(data, [a.numpy() for a in arrays])
-                return 0
-
-            return tf.py_function(to_host, flat, Tout=tf.int32)
-
-        return keep
-
-    def _xla_keep(self, data: Any, flat: list[Any]) -> Any:
-        """The batch into zero-padded ``[CAPACITY, ...]`` variables and a row count (XLA-safe).
-
-        Returns ``None`` (no capture; the check is skipped with a warning) when an input leaf has
-        no fixed per-row shape.
-        """
-        import tensorflow as tf
-
-        if not flat or any(t.shape.rank is None or t.shape.rank < 1 for t in flat):
-            self.no_capture = "an input without a batch dimension"
-            return None
-        if any(d is None for t in flat for d in t.shape[1:]):
-            self.no_capture = "an input whose per-row shape varies (padded variables need one)"
-            return None
-        if len(self._slots) != len(flat):
-            with tf.init_scope():
-                self._slots = [
-                    tf.Variable(
-                        tf.zeros([CAPACITY, *t.shape[1:]], t.dtype),
-                        trainable=False,
-                        name=f"gradwatch_batch_{i}",
-                    )
-                    for i, t in enumerate(flat)
-                ]
-                self._rows_var = tf.Variable([0, 0], trainable=False, name="gradwatch_rows")
-        self._structure = data
-        slots, rows_var = self._slots, self._rows_var
-
-        def keep() -> Any:
-            total = tf.shape(flat[0])[0]
-            n = tf.minimum(total, CAPACITY)
-            for var, t in zip(slots, flat, strict=True):
-                head = t[:CAPACITY]
-                pad = [[0, CAPACITY - n]] + [[0, 0]] * (t.shape.rank - 1)
-                var.assign(tf.ensure_shape(tf.pad(head, pad), var.shape))
-            rows_var.assign(tf.stack([n, total]))
-            return tf.constant(0)
-
-        return keep
-
     # -- the host side -------------------------------------------------------------------------
+    @property
+    def due_now(self) -> bool:
+        """Whether the coming step's batch is kept for a check."""
+        return self.capture.due_now
+
+    @property
+    def capped(self) -> tuple[int, int] | None:
+        """``(rows kept, batch rows)`` of the last capture when it was trimmed to :data:`CAPACITY`."""
+        return self.capture.capped
+
+    @property
+    def no_capture(self) -> str | None:
+        """Why the XLA-safe capture could not be built (``None``: it could)."""
+        return self.capture.no_capture
+
     def set_due(self, due: bool) -> None:
         """Whether the coming step's batch is kept for a check."""
-        if due != self.due_now:
-            self.due_now = due
-            if self._due_var is not None:
-                self._due_var.assign(due)
+        self.capture.set_due(due)
 
     def take_stash(self) -> Any:
-        """The captured batch (``None`` if none), forgotten afterwards.
-
-        Under XLA the padded variables are read (their first ``rows`` rows); :attr:`capped` then
-        says whether the batch was larger than :data:`CAPACITY`.
-        """
-        if self._slots and self._rows_var is not None and self._structure is not None:
-            n, total = (int(x) for x in self._rows_var.numpy())
-            self._rows_var.assign([0, 0])
-            if n == 0:
-                return None
-            self.capped = (n, total) if total > n else None
-            values = [v.numpy()[:n] for v in self._slots]
-            return keras.tree.pack_sequence_as(self._structure, values)
-        stash, self.stash = self.stash, None
-        return stash
+        """The captured batch (``None`` if none), forgotten afterwards (:class:`BatchCapture`)."""
+        return self.capture.take_stash()
 
     def step_done(self) -> bool:
         """After a callback call: whether the stored rows must be read now (a block is full, or

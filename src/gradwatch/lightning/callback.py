@@ -5,7 +5,8 @@ Norms are read in ``on_before_optimizer_step`` (unscaled under mixed precision, 
 float64 twin whose ``training_step`` is re-run with logging silenced, or on ``loss_fn(module,
 batch)`` (:mod:`~gradwatch.lightning.rerun`). Under DDP the ranks agree after every check
 (:mod:`~gradwatch.lightning.distributed`). Everything written goes through the watcher to the
-Trainer's loggers (:mod:`~gradwatch.lightning.sinks`) and the JSON-lines file.
+Trainer's loggers (:mod:`~gradwatch.lightning.sinks`) and the JSON-lines file. The per-step calm
+test and the skipping of an update are in :mod:`~gradwatch.lightning.guard`.
 
 Example:
     >>> from gradwatch.lightning import GradWatch
@@ -28,25 +29,17 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
 from gradwatch.core.policy import Action
-from gradwatch.errors import GradientCheckError
 from gradwatch.lightning import _compat
 from gradwatch.lightning.distributed import agree_action, agree_after_check, agree_calm
+from gradwatch.lightning.guard import UpdateGuard, skipped_update_error
 from gradwatch.lightning.localizing import FailureLocalizer, rank_zero_decides, with_events
 from gradwatch.lightning.norms import GradNorms
-from gradwatch.lightning.rerun import NotRerunnable, Rerun, SkipCheck
+from gradwatch.lightning.rerun import NotRerunnable, Rerun, SkipCheck, check_patterns
 from gradwatch.lightning.sinks import LoggersSink
-from gradwatch.localization import ROOT, LocalizationReport
-from gradwatch.options import (
-    DType,
-    Mode,
-    Policy,
-    WatchConfig,
-    check_selection,
-    compile_patterns,
-)
+from gradwatch.localization import LocalizationReport
+from gradwatch.options import DType, Mode, Policy, WatchConfig
 from gradwatch.report import CheckReport
 from gradwatch.torch import _compat as torch_compat
-from gradwatch.torch.localize import free_memory
 from gradwatch.torch.twin import clean_name, uncastable
 from gradwatch.watch import tags
 from gradwatch.watch.watcher import HEALTH_BLOCK, Watcher, WatchRecords
@@ -58,8 +51,6 @@ _FIX = (
     "pass GradWatch(loss_fn=lambda module, batch: ...) that a float64 copy of the module can "
     "run, or enable_checks=False"
 )
-#: ``max_check_memory`` when no device reports its free memory: no limit.
-NO_LIMIT = 2**62
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
@@ -141,16 +132,11 @@ class GradWatch(WatchRecords, Callback):
         self._norms = GradNorms([])
         self._rerun: Rerun | None = None
         c = self.config
-        # Judge every step's norms before the optimizer steps (one boolean host read per step)
-        # when a non-finite or exploding gradient must stop training before its update.
-        self._guard_explode = c.enable_norms and c.stops("on_explode")
-        self._guard = self._guard_explode or (c.enable_norms and c.stops("on_nonfinite"))
+        # The per-step calm test and the update skipping (stopping on_nonfinite / on_explode).
+        self._update_guard = UpdateGuard(c)
+        self._guard = self._update_guard.on
         # Health actions that can stop training are agreed across ranks.
         self._agree = any(c.stops(k) for k in ("on_vanish", "on_explode", "on_nonfinite"))
-        self._limits: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
-        self._stats: list[torch.Tensor] = []
-        self._saved_stats: list[torch.Tensor] = []
-        self._snapshot_due = True
         self._step_rows: list[tuple[tuple[str, ...], torch.Tensor]] = []
         self._rows: list[torch.Tensor] = []
         self._row_steps: list[int] = []
@@ -199,15 +185,7 @@ class GradWatch(WatchRecords, Callback):
         strategy = type(trainer.strategy).__name__
         params = [(clean_name(n), p) for n, p in pl_module.named_parameters() if p.requires_grad]
         if w.checks_on and strategy not in _SHARDED:
-            names = [n for n, p in params if p.is_floating_point()]
-            if self.config.mode == "modules":  # the patterns select modules by name there
-                names = [n or ROOT for n, _ in pl_module.named_modules()]
-            check_selection(
-                names,
-                compile_patterns("include", self.config.include),
-                compile_patterns("exclude", self.config.exclude),
-                what="module" if self.config.mode == "modules" else "parameter",
-            )
+            check_patterns(self.config, pl_module, params)
         w.open(
             [LoggersSink(trainer)],
             writer=trainer.global_rank == 0,
@@ -224,12 +202,7 @@ class GradWatch(WatchRecords, Callback):
                 f"pass enable_checks=False",
             )
         self._norms = GradNorms(params)
-        self._limits.clear()
-        # Running statistics a skipped update must not keep (a NaN batch corrupts them in the
-        # forward pass, before any optimizer step): snapshot at each accumulation window's start.
-        self._stats = torch_compat.running_stat_buffers(pl_module) if self._guard else []
-        self._saved_stats = []
-        self._snapshot_due = True
+        self._update_guard.setup(pl_module)
         self._step_rows, self._rows, self._row_steps, self._row_names = [], [], [], ()
         w.start({n: tuple(p.shape) for n, p in params})
         self._rerun = Rerun(trainer, pl_module, self.config, self.loss_fn)
@@ -237,29 +210,20 @@ class GradWatch(WatchRecords, Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.world_size > 1 and self._rerun is not None and self._watcher.checks_on:
-            # Whether the float64 copy fits decides how a check runs: one reading for all ranks
-            # (rank zero's, once the module is on its device), or ranks would run different passes.
-            device = next(pl_module.parameters()).device
-            free = trainer.strategy.broadcast(free_memory(device), src=0)
-            self._rerun.max_check_memory = int(free) if free is not None else NO_LIMIT
+            self._rerun.agree_check_memory()
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._stepped = False
-        if self._stats and self._snapshot_due:
-            if len(self._saved_stats) != len(self._stats):
-                self._saved_stats = [b.detach().clone() for b in self._stats]
-            else:
-                torch_compat.copy_tensors(self._saved_stats, self._stats)
-            self._snapshot_due = False
+        self._update_guard.snapshot()
         self._t_start = time.perf_counter()
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._stepped = True
-        self._snapshot_due = True  # the next batch opens a new accumulation window
+        self._update_guard.snapshot_due = True  # the next batch opens a new accumulation window
         w = self._watcher
         step = _compat.optimizer_step(trainer)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -280,7 +244,7 @@ class GradWatch(WatchRecords, Callback):
         if read_now:
             # The one host read per step (on the CPU it costs no synchronisation): are all
             # norms finite and under the explode limit? Agreed across ranks (one all-reduce).
-            limit = self._limit(names, vector.device)
+            limit = self._update_guard.limit(names, vector.device, w.explode_limits)
             if not agree_calm(trainer, (vector <= limit).all()):
                 self._not_calm(trainer, step, optimizer, named, vector, scale, scaler)
                 return
@@ -289,22 +253,6 @@ class GradWatch(WatchRecords, Callback):
         if observed:
             self._step_rows.append((names, vector))
             w.write_histograms(step, lambda: self._norms.histograms(named))
-
-    def _limit(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
-        """Each tensor's explode limit on the norms' device; ``inf`` and NaN always exceed it.
-
-        Without a stopping ``on_explode`` the limit is float32's largest value: only non-finite
-        norms (and float32 overflows, which :meth:`GradNorms.exact` resolves) are not calm.
-        """
-        key = (names, device)
-        cached = self._limits.get(key)
-        if cached is None:
-            top = float(torch.finfo(torch.float32).max)
-            limits = self._watcher.explode_limits(names)
-            values = np.minimum(top, limits) if self._guard_explode else np.full(len(names), top)
-            cached = torch.tensor(values, dtype=torch.float32, device=device)
-            self._limits[key] = cached
-        return cached
 
     def _not_calm(
         self,
@@ -341,46 +289,17 @@ class GradWatch(WatchRecords, Callback):
         norms = dict(zip(names, values, strict=True))
         _, action = w.observe_norms(step, norms)
         action = agree_action(trainer, action) if self._agree else action
-        policies = self.config.policies
-        policy = None
-        if nonfinite and self.config.stops("on_nonfinite"):
-            policy = policies["on_nonfinite"]
-        elif self._guard_explode and self._over_limit(named, values):
-            policy = policies["on_explode"]
+        policy = self._update_guard.stopping_policy(nonfinite, values, w.explode_limits(names))
         if policy is not None:
             self._skip_update(optimizer, scaler)
             if policy == "raise" and action.error is None:
-                what = "non-finite" if nonfinite else "exploding"
-                action = action.merged(
-                    Action(
-                        error=GradientCheckError(
-                            f"GradWatch: the gradients at step {step} are {what} (the episode "
-                            f"began earlier); this update was skipped"
-                        )
-                    )
-                )
+                action = action.merged(Action(error=skipped_update_error(step, nonfinite)))
             action = action.merged(Action(halt=True))
         self._act(trainer, action)
 
-    def _over_limit(self, named: list[tuple[str, torch.Tensor]], values: list[float]) -> bool:
-        limits = self._watcher.explode_limits(self._norms.names(named))
-        return bool((np.asarray(values) > limits).any())
-
     def _skip_update(self, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
-        """Make the coming ``optimizer.step()`` leave weights, optimizer state and the running
-        statistics as they were before this step."""
-        fused = scaler is not None and torch_compat.optimizer_unscales_itself(optimizer)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if fused and p.grad is not None:
-                    # A fused optimizer under a GradScaler checks its own gradients for inf
-                    # (the scaler asserts that some were checked): NaN makes it skip the step.
-                    p.grad.fill_(math.nan)
-                else:
-                    # An optimizer leaves a parameter whose .grad is None untouched.
-                    p.grad = None
-        if self._saved_stats:
-            torch_compat.copy_tensors(self._stats, self._saved_stats)
+        """The coming ``optimizer.step()`` changes nothing (:meth:`UpdateGuard.skip_update`)."""
+        self._update_guard.skip_update(optimizer, scaler)
 
     def on_train_batch_end(
         self,

@@ -19,12 +19,40 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradwatch.lightning import _compat
-from gradwatch.options import WatchConfig
+from gradwatch.localization import ROOT
+from gradwatch.options import WatchConfig, check_selection, compile_patterns
 from gradwatch.torch.checker import TorchChecker
-from gradwatch.torch.localize import Localizer
+from gradwatch.torch.localize import Localizer, free_memory
 from gradwatch.torch.reference import module_state_kept
 
-__all__ = ["NotRerunnable", "Rerun", "SkipCheck", "borrowed", "prepare_twin"]
+__all__ = [
+    "NO_LIMIT",
+    "NotRerunnable",
+    "Rerun",
+    "SkipCheck",
+    "borrowed",
+    "check_patterns",
+    "prepare_twin",
+]
+
+#: ``max_check_memory`` when no device reports its free memory: no limit.
+NO_LIMIT = 2**62
+
+
+def check_patterns(
+    config: WatchConfig, module: nn.Module, params: list[tuple[str, nn.Parameter]]
+) -> None:
+    """``ValueError`` at setup when ``include``/``exclude`` select no parameter (in
+    ``mode="modules"``: no module, by name)."""
+    names = [n for n, p in params if p.is_floating_point()]
+    if config.mode == "modules":  # the patterns select modules by name there
+        names = [n or ROOT for n, _ in module.named_modules()]
+    check_selection(
+        names,
+        compile_patterns("include", config.include),
+        compile_patterns("exclude", config.exclude),
+        what="module" if config.mode == "modules" else "parameter",
+    )
 
 
 class SkipCheck(Exception):
@@ -143,6 +171,14 @@ class Rerun:
                 max_check_memory=self.max_check_memory,
             )
         return self._checker
+
+    def agree_check_memory(self) -> None:
+        """Under DDP: rank zero's free-memory reading becomes every rank's ``max_check_memory``
+        (whether the float64 copy fits decides how a check runs; ranks must run the same passes).
+        Called once the module is on its device."""
+        device = next(self.module.parameters()).device
+        free = self.trainer.strategy.broadcast(free_memory(device), src=0)
+        self.max_check_memory = int(free) if free is not None else NO_LIMIT
 
     def localizer(self) -> Localizer:
         """The (cached) localization, on the checker's float64 twin."""

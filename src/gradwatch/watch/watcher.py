@@ -3,7 +3,8 @@
 A callback (Lightning, Keras) owns a :class:`Watcher`. It hands it what the framework measured —
 gradient norms, check reports, skipped steps — and carries out the returned
 :class:`~gradwatch.core.policy.Action`. The watcher alone decides what is written, when, and by
-which rank, and writes it through its :class:`~gradwatch.watch.sinks.Sink` objects.
+which rank, and writes it through its :class:`~gradwatch.watch.sinks.Sink` objects. It keeps the
+health rules' feed in :mod:`~gradwatch.watch.health_feed` and its records in :mod:`~gradwatch.watch.run_log`.
 
 Steps: every record is labelled with the framework's own step (``step``); which steps are
 sampled is decided on the 1-based optimizer-step count, ``count = step - first_step + 1``:
@@ -18,10 +19,8 @@ sampled is decided on the 1-based optimizer-step count, ``count = step - first_s
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -30,26 +29,17 @@ import numpy as np
 import numpy.typing as npt
 
 from gradwatch.core.console import Console, user_warn
-from gradwatch.core.health import (
-    SKIPPED_STEPS_EVENT,
-    HealthMonitor,
-    skipped_steps_event,
-)
+from gradwatch.core.health import SKIPPED_STEPS_EVENT, HealthMonitor, skipped_steps_event
 from gradwatch.core.policy import Action, dispatch
 from gradwatch.core.sampling import round_robin
 from gradwatch.core.schedule import BudgetSchedule, FixedSchedule, Schedule, make_schedule
 from gradwatch.core.unchecked import no_check_message, unchecked_event
 from gradwatch.options import WatchConfig
 from gradwatch.report import CheckReport, GradientEvent
-from gradwatch.watch.records import (
-    WatchRecords,
-    global_norm,
-    merge_rank_events,
-    new_run_id,
-    write_event,
-    write_event_counts,
-)
-from gradwatch.watch.sinks import JsonlSink, Sink
+from gradwatch.watch.health_feed import HEALTH_BLOCK, HealthFeed, zero_labels
+from gradwatch.watch.records import WatchRecords, global_norm, merge_rank_events, new_run_id
+from gradwatch.watch.run_log import MAX_EVENTS, MAX_REPORTS, RunLog, run_meta
+from gradwatch.watch.sinks import Sink
 
 __all__ = [
     "HEALTH_BLOCK",
@@ -64,35 +54,8 @@ __all__ = [
 
 logger = logging.getLogger("gradwatch")
 
-#: Reports kept in memory (the latest); events kept (the first), with a count of the rest.
-MAX_REPORTS = 100
-MAX_EVENTS = 10_000
-#: Norm observations judged together (a block): the health rules' per-step cost is paid once per
-#: block. A non-finite or above-threshold value is judged at once, whatever the block holds.
-HEALTH_BLOCK = 16
 #: Training-step durations the distributed check plan averages over.
 STEP_TIMES = 50
-
-
-def zero_labels(report: CheckReport) -> dict[str, bool]:
-    """Per checked tensor: whether every informative entry of it was labelled ``zero``.
-
-    ``kink`` entries say nothing either way; a tensor with only kinks is left out.
-
-    Example:
-        >>> from gradwatch.report import EntryResult
-        >>> entries = [EntryResult("b", (0,), 0.0, 0.0, None, "zero"),
-        ...            EntryResult("w", (0,), 1.0, 1.0, 0.0, "ok")]
-        >>> zero_labels(CheckReport(1, "pass", 0.0, tuple(entries), (), "coordinate",
-        ...                         "float64", 1e-5, 4, 0.1))
-        {'b': True, 'w': False}
-    """
-    labels: dict[str, bool] = {}
-    for entry in report.results:
-        if entry.status == "kink":
-            continue
-        labels[entry.param] = labels.get(entry.param, True) and entry.status == "zero"
-    return labels
 
 
 class Watcher:
@@ -120,8 +83,7 @@ class Watcher:
         self.first_step = first_step
         self.framework = framework
         self.console = Console()
-        self.sinks: list[Sink] = []
-        self.writer = True
+        self._log = RunLog(self.meta)  # the sinks, and the records kept in memory
         self.log_every = 50 if config.log_every_n_steps is None else config.log_every_n_steps
         self.reset()
 
@@ -130,36 +92,25 @@ class Watcher:
         #: This run's id, in every record (a resumed run gets it back from ``load_state_dict``).
         self.run = new_run_id()
         self.console.reset()
-        self._event_counts: dict[str, int] = {}
+        self._log.reset()
         self._warned: set[str] = set()
         self._unchecked: set[str] = set()
-        self._unchecked_reasons: set[str] = set()
         self.steps_seen = 0
         self.schedule: Schedule = make_schedule(
             self.config.check_every_n_steps, self.config.max_overhead
         )
-        self.health: HealthMonitor | None = None
         self.numels: dict[str, int] = {}
         self.shapes: dict[str, list[int]] = {}
-        self._meta_written = False
-        self._reports: deque[CheckReport] = deque(maxlen=MAX_REPORTS)
-        self._events: list[GradientEvent] = []
-        self.events_dropped = 0
         self.checks_done = 0
         self.checks_on = self.config.enable_checks
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.next_check: int | None = None  # agreed across ranks (distributed only)
         self._step_times: deque[float] = deque(maxlen=STEP_TIMES)
-        # Norm observations waiting to be judged (see observe_norms).
-        self._block_names: tuple[str, ...] = ()
-        self._block_steps: list[int] = []
-        self._block_written: list[bool] = []
-        self._block = np.empty((HEALTH_BLOCK, 0))
-        self._block_scale = np.ones(0)
-        self._block_limit = np.ones(0)
-        self._limit_list: list[float] = []
-        self._pending_rows: list[tuple[int, dict[str, float]]] = []
+        # The health rules and the norm observations waiting for them (see observe_norms).
+        self._feed = HealthFeed(
+            self.config.thresholds, self.rms_scale, self.explode_limits, self._write_row
+        )
 
     def open(
         self, sinks: Sequence[Sink], *, writer: bool = True, log_every: int | None = None
@@ -173,11 +124,7 @@ class Watcher:
             log_every: Write norms every this many optimizer steps (``config.log_every_n_steps``
                 wins when set; ``0`` writes no periodic norms).
         """
-        self.close()
-        self.sinks = list(sinks)
-        if self.config.jsonl_path:
-            self.sinks.append(JsonlSink(self.config.jsonl_path))
-        self.writer = writer
+        self._log.open(sinks, writer=writer, jsonl_path=self.config.jsonl_path)
         if self.config.log_every_n_steps is not None:
             self.log_every = self.config.log_every_n_steps
         elif log_every is not None:
@@ -225,91 +172,52 @@ class Watcher:
         """Know the tensors (name → shape, model order); keeps health state across restarts."""
         self.shapes = {n: [int(d) for d in s] for n, s in shapes.items()}
         self.numels = {n: int(math.prod(s)) if len(s) else 1 for n, s in shapes.items()}
-        if self.health is None or set(self.health.order) != set(shapes):
-            pending = self.health.state_dict() if self.health is not None else None
-            self.health = HealthMonitor(shapes, self.config.thresholds)
-            if pending is not None:
-                self.health.load_state_dict(pending)
+        self._feed.start(shapes)
 
     def meta(self) -> dict[str, Any]:
         """Id, shapes and thresholds of this run, written first so ``inspect`` can judge the norms."""
-        from gradwatch.core.finite_diff import tolerances_for
-
-        dtype = self.config.dtype or "float32"
-        th = self.config.thresholds
-        return {
-            "run": self.run,
-            "shapes": dict(self.shapes),
-            "vanish_threshold": th.vanish_threshold,
-            "explode_threshold": th.explode_threshold,
-            "rtol": self.config.rtol or tolerances_for(dtype).rtol,
-        }
-
-    def _write(self, what: Callable[[Sink], None], step: int) -> None:
-        if not self.writer or not self.sinks:
-            return
-        if not self._meta_written:
-            self._meta_written = True
-            meta = self.meta()
-            for sink in self.sinks:
-                sink.write_meta(step, meta)
-        for sink in self.sinks:
-            what(sink)
+        return run_meta(self.run, self.shapes, self.config)
 
     # -- records -------------------------------------------------------------------------------
     @property
+    def sinks(self) -> list[Sink]:
+        """Where records go (set by :meth:`open`)."""
+        return self._log.sinks
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes records and announces (rank zero; set by :meth:`open`)."""
+        return self._log.writer
+
+    @property
     def reports(self) -> list[CheckReport]:
         """The latest :data:`MAX_REPORTS` check reports."""
-        return list(self._reports)
+        return list(self._log.reports)
 
     @property
     def events(self) -> list[GradientEvent]:
         """Events, the first :data:`MAX_EVENTS` of them (``events_dropped`` counts the rest)."""
-        return list(self._events)
+        return list(self._log.events)
 
     @property
     def event_counts(self) -> dict[str, int]:
         """Events of this run per kind, all of them (beyond :data:`MAX_EVENTS` too)."""
-        return dict(self._event_counts)
+        return dict(self._log.event_counts)
+
+    @property
+    def events_dropped(self) -> int:
+        """Events beyond :data:`MAX_EVENTS`, counted but not kept."""
+        return self._log.dropped
 
     def _record(self, events: Sequence[GradientEvent], report: CheckReport | None = None) -> Action:
-        for e in events:
-            if len(self._events) < MAX_EVENTS:
-                self._events.append(e)
-            else:
-                self.events_dropped += 1
-            self._write(functools.partial(write_event, event=e), e.step)
-        if events:
-            self._count(events)
+        self._log.keep(events)
         return dispatch(
-            [e for e in events if self._first_of_its_reason(e)],
+            [e for e in events if self._log.first_of_its_reason(e)],
             self.config.policies,
             report,
             announce=self.writer,
             console=self.console,
         )
-
-    def _first_of_its_reason(self, event: GradientEvent) -> bool:
-        """Every event is dispatched, but an ``unchecked`` one warns once per reason.
-
-        The reason is the message with its numbers blanked out (the same cause at another step).
-        """
-        if event.kind != "unchecked":
-            return True
-        reason = re.sub(r"\d+", "#", f"{event.param}: {event.message}")
-        if reason in self._unchecked_reasons:
-            return False
-        self._unchecked_reasons.add(reason)
-        return True
-
-    def _count(self, events: Sequence[GradientEvent]) -> None:
-        """Running counts per kind, written at each step that had events (scalars for loggers)."""
-        at_step: dict[int, dict[str, int]] = {}
-        for e in events:
-            n = self._event_counts[e.kind] = self._event_counts.get(e.kind, 0) + 1
-            at_step.setdefault(e.step, {})[e.kind] = n
-        for step, counts in at_step.items():
-            self._write(functools.partial(write_event_counts, step=step, counts=counts), step)
 
     def unchecked(self, step: int, key: str, message: str) -> Action:
         """A check that could not run: one ``unchecked`` event per ``key`` (reason) and run.
@@ -362,17 +270,14 @@ class Watcher:
     ) -> tuple[list[GradientEvent], Action]:
         """Feed the L2 norms of one optimizer step; returns the events that start now and the action.
 
-        Observations are judged in blocks of up to :data:`HEALTH_BLOCK` steps (same events, same
-        steps, as one at a time); a non-finite norm or one above ``explode_threshold`` is judged
-        at once, so ``nonfinite`` and absolute ``exploding`` act on the step they name. Vanishing
-        (which needs ``patience`` steps anyway) and sudden jumps act when their block is judged:
-        at most ``HEALTH_BLOCK - 1`` steps later, and at the end of training (:meth:`flush_health`).
+        Judged in blocks of up to :data:`HEALTH_BLOCK` steps (when each rule acts:
+        :class:`~gradwatch.watch.health_feed.HealthFeed`); :meth:`flush_health` judges the last.
         """
         written = self.writes(step)
         if written:
-            self._write_norms(step, norms)
+            self._log.write_norms(step, norms)
         events = self._prepare(norms)
-        events.extend(self._add_row(step, norms, written))
+        events.extend(self._feed.add_row(step, norms, written))
         return events, self._record(events)
 
     def observe_norm_rows(
@@ -384,7 +289,7 @@ class Watcher:
             if w:
                 self._write_row(int(steps[i]), tuple(names), rows[i])
         events = self._prepare(names)
-        events.extend(self._add_rows([int(x) for x in steps], tuple(names), rows, written))
+        events.extend(self._feed.add_rows([int(x) for x in steps], tuple(names), rows, written))
         return events, self._record(events)
 
     def observe_weight_norms(self, norms: Mapping[str, float]) -> None:
@@ -398,17 +303,14 @@ class Watcher:
             >>> w.start({"fc.weight": (2, 2)})
             >>> w.observe_weight_norms({"fc.weight": 1.0})
         """
-        if self.health is None:
+        if self._feed.health is None:
             self.start({k: (self.numels.get(k, 1),) for k in norms})
-        assert self.health is not None
-        self.health.observe_weights(norms)
+        assert self._feed.health is not None
+        self._feed.health.observe_weights(norms)
 
     def _write_row(self, step: int, names: tuple[str, ...], row: npt.NDArray[np.float64]) -> None:
-        self._write_norms(step, dict(zip(names, row.tolist(), strict=True)))
-
-    def _write_norms(self, step: int, norms: Mapping[str, float]) -> None:
-        total = global_norm(norms)  # once, whatever the number of sinks
-        self._write(lambda sink: sink.write_norms(step, norms, total), step)
+        if self.writer:
+            self._log.write_norms(step, dict(zip(names, row.tolist(), strict=True)))
 
     def rms_scale(self, names: Sequence[str]) -> npt.NDArray[np.float64]:
         """``√numel`` of each tensor: a norm divided by it is the gradient's RMS."""
@@ -425,79 +327,18 @@ class Watcher:
         """Gradient histograms at a writing step (``values`` is called only if something writes)."""
         if self.writes(step) and any(getattr(s, "wants_histograms", True) for s in self.sinks):
             arrays = values()
-            self._write(lambda sink: sink.write_histograms(step, arrays), step)
+            self._log.write(lambda sink: sink.write_histograms(step, arrays), step)
 
     def _prepare(self, names: Iterable[str]) -> list[GradientEvent]:
         """Health rules ready for these tensors; the events of rows a checkpoint carried."""
-        if self.health is None:
+        if self._feed.health is None:
             self.start({k: (self.numels.get(k, 1),) for k in names})
-        events: list[GradientEvent] = []
-        restored, self._pending_rows = self._pending_rows, []
-        for old_step, old_norms in restored:  # judged before the new rows, in step order
-            events.extend(self._add_row(old_step, old_norms, True))
-        return events
-
-    def _add_row(self, step: int, norms: Mapping[str, float], written: bool) -> list[GradientEvent]:
-        filled = len(self._block_steps)
-        if filled < HEALTH_BLOCK and tuple(norms) == self._block_names:
-            # The every-step path: a row into the block, an urgency test in plain Python.
-            values = list(norms.values())
-            self._block[filled] = values
-            self._block_steps.append(step)
-            self._block_written.append(written)
-            calm = all(x <= lim for x, lim in zip(values, self._limit_list, strict=True))
-            if filled + 1 == HEALTH_BLOCK or not calm:  # NaN is never <= a limit
-                return self._judge_block()
-            return []
-        row = np.fromiter(norms.values(), dtype=np.float64, count=len(norms))
-        return self._add_rows([step], tuple(norms), row[None, :], [written])
-
-    def _add_rows(
-        self,
-        steps: list[int],
-        names: tuple[str, ...],
-        rows: npt.NDArray[np.float64],
-        written: list[bool],
-    ) -> list[GradientEvent]:
-        events: list[GradientEvent] = []
-        if names != self._block_names:
-            events.extend(self._judge_block())
-            self._block_names = names
-            self._block_scale = self.rms_scale(names)
-            self._block_limit = self.explode_limits(names)
-            self._limit_list = self._block_limit.tolist()
-            self._block = np.empty((HEALTH_BLOCK, len(names)))
-        start = 0
-        while start < len(steps):
-            filled = len(self._block_steps)
-            chunk = rows[start : start + HEALTH_BLOCK - filled]
-            k = len(chunk)
-            self._block[filled : filled + k] = chunk
-            self._block_steps.extend(steps[start : start + k])
-            self._block_written.extend(written[start : start + k])
-            if len(self._block_steps) == HEALTH_BLOCK or not (chunk <= self._block_limit).all():
-                events.extend(self._judge_block())
-            start += k
-        return events
+        return self._feed.restored()
 
     def flush_health(self) -> tuple[list[GradientEvent], Action]:
         """Judge the observations still waiting in the current block (call at the end of training)."""
-        events = self._judge_block()
+        events = self._feed.judge()
         return events, self._record(events)
-
-    def _judge_block(self) -> list[GradientEvent]:
-        if not self._block_steps or self.health is None:
-            return []
-        k = len(self._block_steps)
-        rms = self._block[:k] / self._block_scale
-        steps, self._block_steps = self._block_steps, []
-        written, self._block_written = self._block_written, []
-        events = self.health.observe_block(steps, self._block_names, rms)
-        # The norms of a step with an event are always written.
-        for step in sorted({e.step for e in events}):
-            if step in steps and not written[steps.index(step)] and self.writer:
-                self._write_row(step, self._block_names, self._block[steps.index(step)])
-        return events
 
     def observe_skipped_step(self, step: int, skipped: bool, scale: float, scaler: str) -> Action:
         """A step a loss scaler skipped (overflow) or applied; a run of skips is an event."""
@@ -586,77 +427,70 @@ class Watcher:
             decision = f"{decision}; all ranks check next at step {self.next_check}"
         if self.writer:
             logger.info("gradwatch: step %d: %s", step, decision)
-        self._write(lambda sink: sink.write_schedule(step, decision), step)
+        self._log.write(lambda sink: sink.write_schedule(step, decision), step)
         if report is None:
             return self._record(list(events or ()))
-        self._reports.append(report)
+        self._log.reports.append(report)
         self.checks_done += 1
-        if self.health is not None:
-            self.health.mark_zero(zero_labels(report))
-        self._write(lambda sink: sink.write_report(report), step)
+        if self._feed.health is not None:
+            self._feed.health.mark_zero(zero_labels(report))
+        self._log.write(lambda sink: sink.write_report(report), step)
         return self._record(list(report.events if events is None else events), report)
 
     # -- output --------------------------------------------------------------------------------
     def flush(self) -> None:
         """Flush every sink (before a raise, at the end of training)."""
-        for sink in self.sinks:
-            sink.flush()
+        self._log.flush()
 
     def close(self) -> None:
         """Close every sink."""
-        for sink in self.sinks:
-            sink.close()
+        self._log.close()
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Resumable state: run id, schedule position, patience counters, counts."""
+        feed = self._feed.state_dict()
         return {
             "run": self.run,
-            "event_counts": dict(self._event_counts),
+            "event_counts": dict(self._log.event_counts),
             "schedule": self.schedule.state_dict(),
-            "health": self.health.state_dict() if self.health is not None else None,
+            "health": feed["health"],
             "checks_done": self.checks_done,
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
-            "events_dropped": self.events_dropped,
+            "events_dropped": self._log.dropped,
             "next_check": self.next_check,
-            "pending_norms": {
-                "names": list(self._block_names),
-                "steps": list(self._block_steps),
-                "norms": self._block[: len(self._block_steps)].tolist(),
-            },
+            "pending_norms": feed["pending_norms"],
         }
 
     def hold_rows(
         self, steps: Sequence[int], names: Sequence[str], rows: Sequence[Sequence[float]]
     ) -> None:
         """Norm rows observed but not judged yet (a checkpoint's): judged before the next ones."""
-        self._pending_rows.extend(
-            (int(step), dict(zip(names, row, strict=True)))
-            for step, row in zip(steps, rows, strict=True)
-        )
+        self._feed.hold_rows(steps, names, rows)
+
+    @property
+    def health(self) -> HealthMonitor | None:
+        """The health rules (``None`` until the tensors are known)."""
+        return self._feed.health
+
+    @property
+    def _pending_rows(self) -> list[tuple[int, dict[str, float]]]:
+        """Rows a checkpoint carried, not judged yet (:meth:`hold_rows`)."""
+        return self._feed.pending_rows
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (the constructor's arguments always win)."""
         run = state.get("run")  # 0.1 checkpoints have none: the run keeps its new id
         if run is not None and str(run) != self.run:
             self.run = str(run)
-            self._meta_written = False  # the next record announces the resumed run
-        self._event_counts = {str(k): int(v) for k, v in (state.get("event_counts") or {}).items()}
+            self._log.meta_written = False  # the next record announces the resumed run
+        counts = state.get("event_counts") or {}
+        self._log.event_counts = {str(k): int(v) for k, v in counts.items()}
         self.schedule.load_state_dict(dict(state.get("schedule", {})))
         self.checks_done = int(state.get("checks_done", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
-        self.events_dropped = int(state.get("events_dropped", 0))
+        self._log.dropped = int(state.get("events_dropped", 0))
         self.next_check = state.get("next_check", state.get("next_due"))  # 0.1: next_due
-        health = state.get("health")
-        if health is not None:
-            if self.health is None:  # shapes come with start(), which keeps this state
-                self.health = HealthMonitor({}, self.config.thresholds)
-            self.health.load_state_dict(health)
-        pending = state.get("pending_norms") or {}
-        if pending.get("steps"):
-            self._pending_rows = [
-                (int(step), dict(zip(pending["names"], row, strict=True)))
-                for step, row in zip(pending["steps"], pending["norms"], strict=True)
-            ]
+        self._feed.load_state_dict(state)
