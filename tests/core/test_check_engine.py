@@ -273,3 +273,39 @@ def test_a_direction_that_passed_close_to_rtol_gets_a_second_look(scale, recheck
     assert len({r.analytic for r in weight}) == directions  # a different direction each
     assert report.verdict == "pass"
     assert len([r for r in report.results if r.param == "layer.bias"]) == 1
+
+
+class PaddedProblem(NumpyProblem):
+    """Autodiff gives entry (0, 0) of the weight no gradient on purpose (torch's padding row)."""
+
+    def __init__(self, declare: bool):
+        super().__init__()
+        self.declare = declare
+
+    def gradient(self, t):
+        g = super().gradient(t)
+        if t == 0:
+            g = g.copy()
+            g[0, 0] = 0.0
+        return g
+
+    def excluded(self, t):
+        if not self.declare or t != 0:
+            return None
+        mask = np.zeros(self.params[0].shape, dtype=bool)
+        mask[0, 0] = True
+        return mask
+
+
+@pytest.mark.parametrize("mode", ["coordinate", "directional"])
+def test_entries_the_adapter_excludes_are_never_sampled_nor_in_a_direction(mode):
+    # num_params=18 covers every coordinate of both tensors (15 + 3): (0, 0) is the one left out
+    declared = run_check(
+        PaddedProblem(True), mode=mode, num_params=18, rng=np.random.default_rng(0)
+    )
+    assert declared.verdict == "pass", declared
+    assert all(r.index != (0, 0) for r in declared.results if r.param == "layer.weight")
+    undeclared = run_check(
+        PaddedProblem(False), mode=mode, num_params=18, rng=np.random.default_rng(0)
+    )
+    assert undeclared.verdict == "fail", undeclared  # the zeroed entry is a mismatch otherwise

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradwatch import GradientCheckError
-from gradwatch.torch import _compat, assert_gradients, check_gradients
+from gradwatch.torch import _compat, assert_gradients, check_gradients, localize
 from gradwatch.torch.checker import TorchChecker
 from gradwatch.torch.localize import float64_bytes
 from tests.helpers.localize_models import (
@@ -158,3 +158,40 @@ def test_include_selects_modules_by_name_and_a_pattern_matching_none_is_an_error
     assert [e.module for e in report.events] == ["block2.act"]
     with pytest.raises(ValueError, match=r"include/exclude left no module to check"):
         check_gradients(LocCNN(), cnn_batch(), cnn_loss, mode="modules", include="nothing")
+
+
+class _TextRNN(torch.nn.Module):
+    """Tutorial text classifier: padded positions feed the LSTM; torch gives the padding row no
+    gradient by design (``padding_idx``), although the loss depends on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8, padding_idx=0)
+        self.rnn = torch.nn.LSTM(8, 8, batch_first=True)
+        self.fc = torch.nn.Linear(8, 2)
+
+    def forward(self, tok):
+        _, (h, _) = self.rnn(self.emb(tok))
+        return self.fc(h[-1])
+
+
+def _padded_batch():
+    tok = torch.randint(1, 20, (4, 6), generator=torch.Generator().manual_seed(0))
+    tok[:, 4:] = 0  # right-padded
+    return tok, torch.tensor([0, 1, 1, 0])
+
+
+def _text_loss(m, b):
+    return torch.nn.functional.cross_entropy(m(b[0]), b[1])
+
+
+@pytest.mark.parametrize("mode", ["coordinate", "directional", "modules"])
+def test_an_embeddings_padding_row_is_left_alone_not_a_false_alarm(mode):
+    torch.manual_seed(0)
+    model = _TextRNN()
+    report = check_gradients(model, _padded_batch(), _text_loss, mode=mode, num_params=400)
+    assert report.verdict == "pass", str(report)
+    assert all(
+        r.index is None or r.index[0] != 0 for r in report.results if r.param == "emb.weight"
+    )
+    assert localize(model, _padded_batch(), _text_loss).culprit is None

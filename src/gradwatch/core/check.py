@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from gradwatch.core import finite_diff as fd
-from gradwatch.core.problem import MODES, Perturbation, Problem
+from gradwatch.core.problem import MODES, Perturbation, Problem, excluded_entries
 from gradwatch.core.sampling import random_direction, sample_coordinates, sample_index
 from gradwatch.core.verdict import (
     Entry,
@@ -110,27 +111,36 @@ def run_check(
         if g is not None and g.size:
             rec.rms = float(np.sqrt(np.mean(np.square(g, dtype=np.float64))))
         rec.all_zero = g is None or not np.any(g)
+        rec.excluded = excluded_entries(problem, t)
+        if rec.excluded is not None:
+            rec.taken.update(tuple(int(i) for i in ix) for ix in np.argwhere(rec.excluded))
+            if rec.excluded.all():
+                continue  # nothing of it may be checked
         info[t] = rec
+    chosen = [t for t in chosen if t in info]
 
     entries: list[Entry] = []
     if mode == "coordinate":
         picks = sample_coordinates([info[t].shape for t in chosen], num_params, rng)
         for t, idxs in zip(chosen, picks, strict=True):
-            for idx in idxs:
+            for pick in idxs:
+                idx = (
+                    pick
+                    if pick not in info[t].taken
+                    else sample_index(info[t].shape, rng, info[t].taken)
+                )
+                if idx is None:
+                    continue
                 info[t].taken.add(idx)
                 entries.append(Entry(tensor=t, index=idx))
             if info[t].all_zero and len(idxs) < _size(info[t].shape):
                 # Autodiff says the loss ignores this tensor: one direction through all its
                 # entries as well, since a few coordinates can all land where the loss really
                 # ignores it (unused embedding rows) and miss that the rest is disconnected.
-                entries.append(
-                    Entry(tensor=t, index=None, direction=random_direction(info[t].shape, rng))
-                )
+                entries.append(Entry(tensor=t, index=None, direction=_direction(info[t], rng)))
     else:
         for t in chosen:
-            entries.append(
-                Entry(tensor=t, index=None, direction=random_direction(info[t].shape, rng))
-            )
+            entries.append(Entry(tensor=t, index=None, direction=_direction(info[t], rng)))
 
     done: list[Entry] = []
     pending = entries
@@ -160,11 +170,7 @@ def run_check(
                         pending.append(Entry(tensor=e.tensor, index=fresh))
                 else:
                     pending.append(
-                        Entry(
-                            tensor=e.tensor,
-                            index=None,
-                            direction=random_direction(rec.shape, rng),
-                        )
+                        Entry(tensor=e.tensor, index=None, direction=_direction(rec, rng))
                     )
         if mode == "directional" and recheck_above is not None:
             pending += _second_looks(done, info, recheck_above * tol.rtol, rng)
@@ -189,9 +195,17 @@ def _second_looks(
             continue
         looked.add(e.tensor)
         e.rechecked = True
-        shape = info[e.tensor].shape
-        fresh.append(Entry(tensor=e.tensor, index=None, direction=random_direction(shape, rng)))
+        fresh.append(Entry(tensor=e.tensor, index=None, direction=_direction(info[e.tensor], rng)))
     return fresh
+
+
+def _direction(rec: TensorInfo, rng: np.random.Generator) -> npt.NDArray[np.float64]:
+    """A random unit direction through the tensor, zero on its excluded entries."""
+    u = random_direction(rec.shape, rng)
+    if rec.excluded is None:
+        return u
+    u = np.where(rec.excluded, 0.0, u)
+    return np.asarray(u / float(np.linalg.norm(u)), dtype=np.float64)
 
 
 def _size(shape: Sequence[int]) -> int:

@@ -67,6 +67,9 @@ class TensorInfo:
     rms: float = 0.0
     all_zero: bool = False
     taken: set[tuple[int, ...]] = field(default_factory=set)
+    #: Entries whose gradient the framework defines as zero (an embedding's padding row):
+    #: never sampled, and zero in every direction.
+    excluded: npt.NDArray[np.bool_] | None = None
 
 
 _LOW_PRECISION_WARNED = False

@@ -20,6 +20,7 @@ from torch import nn
 from gradwatch.core.check import Perturbation
 from gradwatch.torch import _compat
 from gradwatch.torch.precision import Float64Guard
+from gradwatch.torch.twin import clean_name, padding_rows
 
 __all__ = ["Evaluator", "LossFn", "host_rng_preserved", "np_dtype"]
 
@@ -82,6 +83,7 @@ class Evaluator:
         #: Keeps float64 evaluations in float64 whatever the step creates or casts.
         self.guard = Float64Guard(draw_dtype) if float64_guard and dtype is torch.float64 else None
         self._computing_depth = 0
+        self._padding: dict[str, npt.NDArray[np.bool_]] | None = None
 
     # -- Problem protocol ------------------------------------------------------------------
     @property
@@ -111,6 +113,18 @@ class Evaluator:
     def gradient(self, tensor: int) -> npt.NDArray[np.floating[Any]] | None:
         g = self._grads[tensor]
         return None if g is None else g.cpu().numpy()
+
+    def excluded(self, tensor: int) -> npt.NDArray[np.bool_] | None:
+        """An embedding's ``padding_idx`` row (torch defines its gradient as zero), by name:
+        the tensors may be float64 stand-ins for the module's own parameters."""
+        if self._padding is None:
+            rows = padding_rows(self.module)
+            self._padding = {
+                clean_name(n): rows[id(p)]
+                for n, p in self.module.named_parameters()
+                if id(p) in rows
+            }
+        return self._padding.get(self._names[tensor]) if self._names else None
 
     def losses(self, perturbations: Sequence[Perturbation]) -> npt.NDArray[np.float64]:
         out = np.empty(len(perturbations), dtype=np.float64)

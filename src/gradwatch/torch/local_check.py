@@ -29,6 +29,7 @@ from torch import nn
 
 from gradwatch.core.problem import Perturbation
 from gradwatch.localization import INNER_SLOTS, slot_phrase
+from gradwatch.torch.twin import padding_rows
 
 __all__ = ["LocalProblem", "ModuleCall", "slot_phrase", "tensor_leaves", "with_leaves"]
 
@@ -177,6 +178,16 @@ class LocalProblem:
 
     def gradient(self, tensor: int) -> npt.NDArray[np.floating[Any]] | None:
         return self._grads[tensor]
+
+    def excluded(self, tensor: int) -> npt.NDArray[np.bool_] | None:
+        """An embedding's ``padding_idx`` row among the slot's parameters (torch defines its
+        gradient as zero; see :func:`~gradwatch.torch.twin.padding_rows`)."""
+        params = self._params_of(tensor)
+        rows = padding_rows(self.call.module)
+        if not any(id(p) in rows for p in params):
+            return None
+        parts = [rows.get(id(p), np.zeros(tuple(p.shape), dtype=bool)).reshape(-1) for p in params]
+        return np.concatenate(parts).reshape(tuple(self.shapes[tensor]))
 
     def losses(self, perturbations: Sequence[Perturbation]) -> npt.NDArray[np.float64]:
         out = np.empty(len(perturbations), dtype=np.float64)

@@ -17,7 +17,15 @@ from torch import nn
 from gradwatch import options as v
 from gradwatch.torch import _compat
 
-__all__ = ["Twin", "cast_batch", "clean_name", "named_trainable", "uncastable", "unwrap_module"]
+__all__ = [
+    "Twin",
+    "cast_batch",
+    "clean_name",
+    "named_trainable",
+    "padding_rows",
+    "uncastable",
+    "unwrap_module",
+]
 
 
 def clean_name(name: str) -> str:
@@ -186,6 +194,27 @@ class Twin:
                 p.data = data
             for m, k, t in buffers:
                 _compat.set_module_buffer(m, k, t)
+
+
+def padding_rows(module: nn.Module) -> dict[int, np.ndarray]:
+    """Masks of the embedding rows ``padding_idx`` names, by ``id`` of the weight.
+
+    torch gives that row no gradient by design (it "does not contribute to the gradient"),
+    although a padded batch's loss depends on it: a check leaves those entries alone.
+
+    Example:
+        >>> emb = torch.nn.Embedding(3, 2, padding_idx=0)
+        >>> padding_rows(emb)[id(emb.weight)].tolist()
+        [[True, True], [False, False], [False, False]]
+    """
+    rows = {}
+    for m in module.modules():
+        pad = getattr(m, "padding_idx", None)
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and pad is not None:
+            mask = np.zeros(tuple(m.weight.shape), dtype=bool)
+            mask[pad] = True
+            rows[id(m.weight)] = mask
+    return rows
 
 
 def named_trainable(
