@@ -195,3 +195,43 @@ def test_an_embeddings_padding_row_is_left_alone_not_a_false_alarm(mode):
         r.index is None or r.index[0] != 0 for r in report.results if r.param == "emb.weight"
     )
     assert localize(model, _padded_batch(), _text_loss).culprit is None
+
+
+class _HookedBlock(torch.nn.Module):
+    """Grad-CAM style: ``forward`` registers a hook on an activation (``scale`` != 1: a bug)."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.scale = scale
+        self.saved = None
+
+    def _keep(self, g):
+        self.saved = g
+        return g * self.scale if self.scale != 1.0 else None
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        h.register_hook(self._keep)
+        return h
+
+
+@pytest.mark.parametrize("mode", ["coordinate", "directional", "modules"])
+def test_a_forward_that_registers_tensor_hooks_is_checked_not_crashed(mode):
+    # evaluations run without autograd; Tensor.register_hook refuses that, so gradwatch
+    # evaluates with autograd on for such a step instead of crashing (or skipping the module)
+    torch.manual_seed(0)
+    batch = (torch.randn(8, 4), torch.randn(8, 2))
+
+    def loss(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    good = torch.nn.Sequential(_HookedBlock(), torch.nn.Linear(4, 2))
+    report = check_gradients(good, batch, loss, mode=mode)
+    assert report.verdict == "pass" and not report.notes, str(report)
+    assert good[0].saved is None  # the hook ran on the copy, not on the model
+    bad = torch.nn.Sequential(_HookedBlock(0.9), torch.nn.Linear(4, 2))
+    failed = check_gradients(bad, batch, loss, mode=mode)
+    assert failed.verdict == "fail", str(failed)
+    if mode == "modules":
+        assert [e.module for e in failed.events] == ["0"], str(failed)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +46,33 @@ def host_rng_preserved() -> Iterator[None]:
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+
+
+#: What torch raises when code registers a tensor hook while autograd is off.
+_HOOK_WITHOUT_GRAD = "cannot register a hook on a tensor that doesn't require gradient"
+
+
+class _GradMode(Protocol):
+    with_grad: bool
+
+
+def evaluation_grad_mode(owner: _GradMode) -> AbstractContextManager[Any]:
+    """``torch.no_grad()`` for loss evaluations, unless ``owner`` learned that the step needs
+    autograd on (it registers tensor hooks: ``Tensor.register_hook`` raises without it)."""
+    return torch.enable_grad() if owner.with_grad else torch.no_grad()
+
+
+def retrying_with_grad(owner: _GradMode, run: Callable[[], None]) -> None:
+    """``run()``; if it fails because the step registers a tensor hook (Grad-CAM style code
+    does) while autograd is off, switch ``owner`` to evaluating with autograd on, for good, and
+    run again — a correct model must not crash or be skipped for it."""
+    try:
+        run()
+    except RuntimeError as exc:
+        if owner.with_grad or _HOOK_WITHOUT_GRAD not in str(exc):
+            raise
+        owner.with_grad = True
+        run()
 
 
 class Evaluator:
@@ -84,6 +111,8 @@ class Evaluator:
         self.guard = Float64Guard(draw_dtype) if float64_guard and dtype is torch.float64 else None
         self._computing_depth = 0
         self._padding: dict[str, npt.NDArray[np.bool_]] | None = None
+        #: Evaluate losses with autograd on (the step registers tensor hooks).
+        self.with_grad = False
 
     # -- Problem protocol ------------------------------------------------------------------
     @property
@@ -131,9 +160,13 @@ class Evaluator:
         groups: dict[int, list[int]] = {}
         for k, pert in enumerate(perturbations):
             groups.setdefault(pert.tensor, []).append(k)
-        with torch.no_grad():
-            for tensor, ks in groups.items():
-                out[ks] = self._group_losses(tensor, [perturbations[k] for k in ks])
+
+        def run() -> None:
+            with evaluation_grad_mode(self):
+                for tensor, ks in groups.items():
+                    out[ks] = self._group_losses(tensor, [perturbations[k] for k in ks])
+
+        retrying_with_grad(self, run)
         return out
 
     # -- one tensor's perturbations: the loop or vmap ------------------------------------------
@@ -147,20 +180,25 @@ class Evaluator:
         for k, pert in enumerate(perturbations):
             p = self.params[pert.tensor]
             value = torch.as_tensor(np.asarray(pert.value), dtype=p.dtype, device=p.device)
+            # Writes without autograd even when the evaluation runs with it (``with_grad``).
             if pert.index is None:
                 saved = p.detach().clone()
-                p.copy_(value)
+                with torch.no_grad():
+                    p.copy_(value)
                 try:
                     out[k] = self._loss_value(self._call())
                 finally:
-                    p.copy_(saved)
+                    with torch.no_grad():
+                        p.copy_(saved)
             else:
                 saved = p[pert.index].detach().clone()
-                p[pert.index] = value
+                with torch.no_grad():
+                    p[pert.index] = value
                 try:
                     out[k] = self._loss_value(self._call())
                 finally:
-                    p[pert.index] = saved
+                    with torch.no_grad():
+                        p[pert.index] = saved
         return out
 
     @contextmanager

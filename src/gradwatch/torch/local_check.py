@@ -29,6 +29,7 @@ from torch import nn
 
 from gradwatch.core.problem import Perturbation
 from gradwatch.localization import INNER_SLOTS, slot_phrase
+from gradwatch.torch.evaluate import evaluation_grad_mode, retrying_with_grad
 from gradwatch.torch.twin import padding_rows
 
 __all__ = ["LocalProblem", "ModuleCall", "slot_phrase", "tensor_leaves", "with_leaves"]
@@ -155,6 +156,8 @@ class LocalProblem:
         self._base = float("nan")
         self._grads: list[npt.NDArray[np.float64] | None] = []
         self.evaluations = 0
+        #: Evaluate with autograd on (the module registers tensor hooks in its forward).
+        self.with_grad = False
 
     # -- Problem protocol ----------------------------------------------------------------------
     @property
@@ -191,11 +194,15 @@ class LocalProblem:
 
     def losses(self, perturbations: Sequence[Perturbation]) -> npt.NDArray[np.float64]:
         out = np.empty(len(perturbations), dtype=np.float64)
-        for k, pert in enumerate(perturbations):
-            if pert.index is not None:
-                raise ValueError("a local check perturbs along directions only")
-            with torch.no_grad():
-                out[k] = float(self._evaluate({pert.tensor: pert.value}).item())
+        if any(pert.index is not None for pert in perturbations):
+            raise ValueError("a local check perturbs along directions only")
+
+        def run() -> None:
+            with evaluation_grad_mode(self):
+                for k, pert in enumerate(perturbations):
+                    out[k] = float(self._evaluate({pert.tensor: pert.value}).item())
+
+        retrying_with_grad(self, run)
         return out
 
     # -- slots ---------------------------------------------------------------------------------
@@ -276,8 +283,18 @@ class LocalProblem:
                 for index, state in call.cuda_rng:
                     torch.cuda.set_rng_state(state, index)
                 self._restore_buffers()
-                # A clone of each input leaf: an in-place module writes into the clone.
-                fed = iter([x.clone() if x.requires_grad else x for x in leaves])
+                # A clone of each input leaf: an in-place module writes into the clone. With
+                # autograd on (hooks in forward), the inputs that carried a gradient carry one.
+                fed = iter(
+                    [
+                        x.detach().clone().requires_grad_(True)
+                        if self.with_grad and k in self.input_slots
+                        else x.clone()
+                        if x.requires_grad
+                        else x
+                        for k, x in enumerate(leaves)
+                    ]
+                )
                 args, kwargs = with_leaves((call.args, call.kwargs), fed)
                 out = call.module(*args, **kwargs)
                 return self._dot(out)
