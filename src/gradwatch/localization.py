@@ -18,6 +18,7 @@ from gradwatch.report import CheckReport, EntryResult, GradientEvent, Verdict, j
 
 __all__ = [
     "INNER_SLOTS",
+    "NEVER_CALLED",
     "ROOT",
     "LocalizationReport",
     "ModuleResult",
@@ -32,6 +33,9 @@ __all__ = [
 
 #: The name a localization gives the model itself (``named_modules`` calls it ``""``).
 ROOT = "<model>"
+
+#: How a skipped module that is never called as a module begins its reason (torch, Keras).
+NEVER_CALLED = "never called as a"
 
 #: Slot names holding the parameters of a module's submodules (torch, Keras).
 INNER_SLOTS = ("<submodule parameters>", "<sublayer weights>")
@@ -328,6 +332,7 @@ class LocalizationReport:
         step: int | None = None,
         dtype: str = "float64",
         notes: Sequence[str] = (),
+        started: float | None = None,
     ) -> CheckReport:
         """This localization as a gradient check (``mode="modules"``).
 
@@ -335,7 +340,8 @@ class LocalizationReport:
         gives one ``mismatch`` (``disconnected`` when a gradient is missing) event naming it as
         ``module``. Verdict: ``fail`` with a culprit, ``pass`` when a module passed and none
         failed, else ``inconclusive`` (with an ``unchecked`` event when no module could be
-        checked at all).
+        checked at all). ``started`` (``time.perf_counter()``): the check's own start, so its
+        ``seconds`` include what ran before the localization.
 
         Example:
             >>> from gradwatch.report import EntryResult
@@ -369,10 +375,14 @@ class LocalizationReport:
         errors = [m.max_rel_error for m in self.modules if m.max_rel_error is not None]
         verdict: Verdict = "fail" if events else module_verdict([m.verdict for m in self.modules])
         extra = [*self.notes, *notes]
-        if self.skipped:
-            shown = "; ".join(f"{n}: {why}" for n, why in self.skipped[:3])
-            more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
-            extra.append(f"{len(self.skipped)} modules were not checked ({shown}{more})")
+        # A module never called as one (MultiheadAttention's out_proj) is checked inside its
+        # parent's check: not worth a note at every check.
+        missed = [(n, why) for n, why in self.skipped if not why.startswith(NEVER_CALLED)]
+        if missed:
+            shown = "; ".join(f"{n}: {why}" for n, why in missed[:3])
+            more = f" and {len(missed) - 3} more" if len(missed) > 3 else ""
+            what = "1 module was" if len(missed) == 1 else f"{len(missed)} modules were"
+            extra.append(f"{what} not checked ({shown}{more})")
         if not self.modules:
             events.append(
                 GradientEvent(
@@ -394,7 +404,7 @@ class LocalizationReport:
             dtype=dtype,
             rtol=rtol,
             evaluations=self.evaluations,
-            seconds=self.seconds,
+            seconds=self.seconds if started is None else time.perf_counter() - started,
             notes=tuple(extra),
         )
 

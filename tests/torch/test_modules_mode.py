@@ -51,6 +51,9 @@ def test_the_demo_transformer_bug_is_named_and_the_correct_one_passes():
     assert {e.module for e in bad.events} == {TRANSFORMER_CULPRIT}, str(bad)
     good = check_gradients(demo_transformer(bug=False), token_batch(), lm_loss, mode="modules")
     assert good.verdict == "pass", str(good)
+    # out_proj is never called as a module (its weights are checked in the attention's check):
+    # no note about it at every check
+    assert not any("never called" in n for n in good.notes), good.notes
 
 
 def test_assert_gradients_names_the_module():
@@ -235,3 +238,33 @@ def test_a_forward_that_registers_tensor_hooks_is_checked_not_crashed(mode):
     assert failed.verdict == "fail", str(failed)
     if mode == "modules":
         assert [e.module for e in failed.events] == ["0"], str(failed)
+
+
+def test_a_module_that_cannot_run_alone_is_named_in_one_note():
+    class Child(torch.nn.Module):
+        ready = False
+
+        def forward(self, x):
+            if not self.ready:
+                raise RuntimeError("called outside its parent")
+            return torch.tanh(x)
+
+    class Parent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+            self.child = Child()
+
+        def forward(self, x):
+            self.child.ready = True
+            try:
+                return self.child(self.lin(x))
+            finally:
+                self.child.ready = False
+
+    report = check_gradients(Parent(), torch.randn(5, 3), lambda m, x: m(x).sum(), mode="modules")
+    assert report.verdict == "pass", str(report)
+    assert [n for n in report.notes if "not checked" in n] == [
+        "1 module was not checked (child: it could not be re-run alone (RuntimeError: called "
+        "outside its parent))"
+    ]

@@ -284,7 +284,7 @@ class KerasChecker:
         rng = np.random.default_rng(self.seed if sample_seed is None else sample_seed)
         eval_seed = int(rng.integers(2**31))
         if self.mode == "modules" or self._too_large():
-            return self._check_layers(x, y, sample_weight, data, step, eval_seed)
+            return self._check_layers(x, y, sample_weight, data, step, eval_seed, started)
         chosen = list(range(len(self.names))) if tensors is None else list(tensors)
         if self.loss_fn is not None:
             batch = data if data is not None else _pack(x, y, sample_weight)
@@ -318,7 +318,14 @@ class KerasChecker:
         return limit is not None and float64_bytes(self.model.weights) > limit
 
     def _check_layers(
-        self, x: Any, y: Any, sample_weight: Any, data: Any, step: int | None, seed: int
+        self,
+        x: Any,
+        y: Any,
+        sample_weight: Any,
+        data: Any,
+        step: int | None,
+        seed: int,
+        started: float,
     ) -> CheckReport:
         """``mode="modules"``: each layer's own backward checked alone
         (:class:`~gradwatch.keras.localize.KerasLocalizer`), as a check report."""
@@ -349,7 +356,7 @@ class KerasChecker:
                 f"memory limit: each layer's own backward was checked instead (as "
                 f"mode='modules')"
             )
-        return found.as_check(rtol=rtol, step=step, dtype=precision, notes=notes)
+        return found.as_check(rtol=rtol, step=step, dtype=precision, notes=notes, started=started)
 
 
 def _pack(x: Any, y: Any, sample_weight: Any) -> Any:

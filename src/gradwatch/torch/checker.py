@@ -235,7 +235,7 @@ class TorchChecker:
                     f"module's own backward was checked instead (as mode='modules')"
                 ]
             )
-            return found.as_check(rtol=rtol, step=step, notes=mode_note)
+            return found.as_check(rtol=rtol, step=step, notes=mode_note, started=started)
         twin = self.twin()
         with host_rng_preserved():
             if not twin.in_place and not self.copy_disagrees:
@@ -245,7 +245,7 @@ class TorchChecker:
             if self._localizer is None:
                 self._localizer = self._module_localizer(twin, None)
             found = self._localizer.localize(batch, seed=seed)
-        return found.as_check(rtol=rtol, step=step, notes=self._precision_note())
+        return found.as_check(rtol=rtol, step=step, notes=self._precision_note(), started=started)
 
     def _module_localizer(self, twin: Twin | None, limit: int | None) -> Localizer:
         return Localizer(
