@@ -204,3 +204,16 @@ def test_compare_sees_a_scaled_gradient_and_ignores_rounding():
     bad = compare(["w"], 2.0, grads, OwnPass(2.0, [torch.ones(3) * 0.9], torch.float32))
     assert not bad.agrees and bad.worst_tensor == "w"
     assert compare(["w"], 2.0, grads, OwnPass(2.0, [torch.ones(3) * 0.9], torch.bfloat16)).agrees
+
+
+def test_a_gradient_hook_on_a_parameter_is_named_as_the_reason_nothing_was_verified():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    model[2].weight.register_hook(lambda g: g * 0.9)
+    batch = (torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    report = check_gradients(model, batch, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    assert report.verdict == "inconclusive", str(report)
+    (event,) = report.events
+    assert event.kind == "unchecked"
+    assert event.message.startswith("gradient hooks registered on 2.weight (Tensor.register_hook)")
+    assert "most in 2.weight" in event.message

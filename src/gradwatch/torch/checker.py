@@ -413,13 +413,26 @@ class TorchChecker:
                     f"(torch.func.functional_call), one perturbation at a time"
                 )
                 return judge(evaluator, [*self.twin().notes, note, *self._precision_note()])
-        message = (
-            f"{self.copy_disagrees}, and the model itself, evaluated with float64 tensors swapped "
-            f"in (torch.func.functional_call), disagrees too (its {found.describe()}): the loss "
-            f"function computes another function in float64 than in the model's dtype, so "
-            f"nothing was verified; make loss_fn compute the same function in float64, or check "
-            f"in the model's dtype (dtype=None)"
-        )
+        hooked = [n for n, p in named_trainable(self.model, [], []) if p._backward_hooks]
+        if hooked:
+            shown = ", ".join(hooked[:3]) + (
+                f" and {len(hooked) - 3} more" if len(hooked) > 3 else ""
+            )
+            message = (
+                f"gradient hooks registered on {shown} (Tensor.register_hook) change what "
+                f"autodiff gives: without them, the float64 {found.describe()}, so nothing was "
+                f"verified; gradwatch checks the loss's own derivative, which a hook that "
+                f"rescales or clips a gradient changes — remove the hook if it is not meant to "
+                f"change gradients, or clip in the optimizer step"
+            )
+        else:
+            message = (
+                f"{self.copy_disagrees}, and the model itself, evaluated with float64 tensors "
+                f"swapped in (torch.func.functional_call), disagrees too (its "
+                f"{found.describe()}): the loss function computes another function in float64 "
+                f"than in the model's dtype, so nothing was verified; make loss_fn compute the "
+                f"same function in float64, or check in the model's dtype (dtype=None)"
+            )
         self.copy_disagrees = ""  # not the copy's fault: the next check tries it again
         return unchecked_report(
             step=step,
