@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gradwatch import GradientEvent, GradientHealthWarning
-from gradwatch.core.console import Console
+from gradwatch.core.console import Console, summary_line
 from gradwatch.core.policy import dispatch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,3 +106,21 @@ def test_halting_events_are_the_reason_not_a_warning():
         "exploding in 3 tensors of decoder.layers.1"
     )
     assert action.reason.endswith("(on_explode='halt')")
+
+
+def test_a_localized_failure_is_not_said_to_be_of_the_tensors_module():
+    # The tensors of net.0 fail because net.1's backward is wrong: "of net.1" would misname
+    # them, and the later unlocalized "still failing" line would name another module.
+    bug = [
+        GradientEvent(
+            0, "mismatch", f"net.0.{p}", 0.1, 1e-3, "the backward of net.1 (Act)", "net.1"
+        )
+        for p in ("weight", "bias")
+    ]
+    (first,) = Console().lines(bug)
+    assert "mismatch in 2 tensors (net.0.weight, net.0.bias), localized to net.1: worst" in first
+
+
+def test_keras_variable_paths_keep_their_separator():
+    events = [GradientEvent(0, "mismatch", f"net/block/dense/{p}", 0.1, 1e-3, "off") for p in "kb"]
+    assert "2 tensors of net/block/dense (" in summary_line(events)

@@ -64,14 +64,33 @@ def event_text(event: GradientEvent) -> str:
 
 
 def _common_module(params: Sequence[str]) -> str:
-    """The longest dotted prefix the names share (``""`` when none)."""
+    """The longest prefix the names share, written with their own separator (Keras variable
+    paths use ``/``; ``""`` when none).
+
+    Example:
+        >>> _common_module(["a.b.w", "a.b.v"]), _common_module(["net/block/kernel", "net/block/bias"])
+        ('a.b', 'net/block')
+    """
+    sep = "/" if all("/" in p for p in params) else "."
     parts = [p.replace("/", ".").split(".")[:-1] for p in params]
     common: list[str] = []
     for level in zip(*parts, strict=False):
         if any(x != level[0] for x in level):
             break
         common.append(level[0])
-    return ".".join(common)
+    return sep.join(common)
+
+
+def _tensors(group: Sequence[GradientEvent], params: Sequence[str], listed: str = "") -> str:
+    """``N tensors of enc.layers.1 (a, b)`` (the module they share), or for a localized failure
+    ``N tensors (a, b), localized to enc.layers.1.act`` (the module whose backward is wrong: the
+    tensors are not its own)."""
+    names = f" ({listed})" if listed else ""
+    localized = _module_of(group[0])
+    if localized:
+        return f"{len(params)} tensors{names}, localized to {localized}"
+    module = _common_module(params)
+    return f"{len(params)} tensors{f' of {module}' if module else ''}{names}"
 
 
 def _module_of(event: GradientEvent) -> str | None:
@@ -106,11 +125,9 @@ def describe(events: Sequence[GradientEvent]) -> str:
         where = "" if first.param == "global" else f" in {first.param}"
         return f"{first.kind}{where}: {first.message}"
     params = list(dict.fromkeys(e.param for e in events))
-    module = _module_of(first) or _common_module(params)
-    of = f" of {module}" if module else ""
     worst = _worst(events)
     return (
-        f"{first.kind} in {len(params)} tensors{of} ({_named(params)}): worst {worst.param}: "
+        f"{first.kind} in {_tensors(events, params, _named(params))}: worst {worst.param}: "
         f"{worst.message}"
     )
 
@@ -219,11 +236,9 @@ class Console:
                     line += f" ({old} more still failing)"
                 out.append(line)
             else:
-                module = _module_of(group[0]) or _common_module(params)
-                of = f" of {module}" if module else ""
                 worst = _worst(group)
                 if len(params) > 1:
-                    what = f"the same {len(params)} tensors{of}"
+                    what = f"the same {_tensors(group, params)}"
                     value = f"worst {worst.value:.3g} in {worst.param}"
                 else:
                     what, value = params[0], f"{worst.value:.3g}"
