@@ -239,3 +239,43 @@ def subclassed_bug(scale=1.0):
     model = SubclassedBug(scale)
     model(tf.zeros((2, 12)))
     return compiled(model)
+
+
+# -- probability heads (softmax / sigmoid at the end of the last layer): on TensorFlow Keras'
+# -- crossentropy losses read the logits the activation attaches (`output._keras_logits`), so the
+# -- head's output itself is off the gradient path.
+
+
+class ScaledSoftmaxHead(keras.layers.Layer):
+    """``softmax(x @ w)`` with a ×``scale`` backward on the logits (``None``: correct)."""
+
+    def __init__(self, units, scale=None, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.fn = scaled_identity(scale) if scale is not None else tf.identity
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1], self.units), initializer="glorot_uniform")
+
+    def call(self, x):
+        return keras.activations.softmax(self.fn(x @ self.w))
+
+
+def probability_head(kind):
+    """A functional classifier on 12 features whose last layer, ``head``, ends in a probability:
+    ``"softmax"`` (Dense, sparse CE), ``"scaled"`` (:class:`ScaledSoftmaxHead` ×0.9, sparse CE),
+    ``"sigmoid"`` (Dense(1), binary CE)."""
+    inp = keras.Input((12,))
+    h = keras.layers.Dense(8, activation="tanh", name="hidden")(inp)
+    if kind == "sigmoid":
+        out = keras.layers.Dense(1, activation="sigmoid", name="head")(h)
+        loss = "binary_crossentropy"
+    else:
+        head = (
+            ScaledSoftmaxHead(4, 0.9, name="head")
+            if kind == "scaled"
+            else keras.layers.Dense(4, activation="softmax", name="head")
+        )
+        out = head(h)
+        loss = "sparse_categorical_crossentropy"
+    return compiled(keras.Model(inp, out), loss=loss)

@@ -13,7 +13,13 @@ pytest.importorskip("tensorflow")
 import gradwatch
 from gradwatch.keras import GradWatch, localize
 from gradwatch.keras.localize import layer_tree
-from tests.helpers.keras_bugs_tf import buggy, functional_bug, subclassed_bug, unclonable
+from tests.helpers.keras_bugs_tf import (
+    buggy,
+    functional_bug,
+    probability_head,
+    subclassed_bug,
+    unclonable,
+)
 from tests.helpers.keras_models import data
 
 pytestmark = pytest.mark.skipif(
@@ -165,3 +171,32 @@ def test_without_max_check_memory_the_free_memory_of_the_device_is_the_limit(mon
     assert "over the 1000 bytes of free memory the model's device reports" in report.notes[-1]
     monkeypatch.setattr(local_backends, "available_ram", lambda: None)  # unknown: no limit
     assert localize(model, *_batch()).result("<model>") is not None
+
+
+_UNREACHED = "its output does not reach the loss"
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_a_probability_head_read_through_its_logits_is_checked(kind):
+    # On TensorFlow the crossentropy losses read `output._keras_logits` (the activation's input),
+    # so the head's output gets no cotangent; its logits do, and the head is checked on them.
+    keras.utils.set_random_seed(1)
+    x, y = _batch()
+    if kind == "sigmoid":
+        y = (y % 2).astype("float32")[:, None]
+    report = localize(probability_head(kind), x, y)
+    assert report.result("head") is not None, str(report)
+    assert report.result("head").verdict == "pass", str(report)
+    assert report.result("<model>").verdict == "pass", str(report)
+    assert not [n for n, why in report.skipped if why == _UNREACHED], str(report)
+    assert report.culprits == ()
+
+
+def test_a_bug_inside_a_softmax_head_is_the_culprit():
+    keras.utils.set_random_seed(1)
+    model = probability_head("scaled")
+    report = localize(model, *_batch())
+    assert report.culprits == ("head",), str(report)
+    checked = gradwatch.keras.check_gradients(model, *_batch(), mode="modules")
+    assert checked.verdict == "fail", str(checked)
+    assert [e.module for e in checked.events if e.kind == "mismatch"] == ["head"], str(checked)

@@ -33,7 +33,7 @@ from gradwatch.core.problem import Perturbation
 from gradwatch.keras.backend import to_numpy, value_and_grad
 from gradwatch.localization import INNER_SLOTS
 
-__all__ = ["INNER", "LayerCall", "LayerProblem", "float_outputs", "is_float_tensor"]
+__all__ = ["INNER", "LayerCall", "LayerProblem", "float_outputs", "is_float_tensor", "keras_logits"]
 
 #: The name of the slot holding the trainable weights of a layer's sublayers.
 INNER = INNER_SLOTS[1]
@@ -62,6 +62,23 @@ def float_outputs(out: Any) -> list[Any]:
     return [t for t in keras.tree.flatten(out) if is_float_tensor(t)]
 
 
+def keras_logits(t: Any) -> Any:
+    """The logits Keras attached to a softmax/sigmoid output (``output._keras_logits``), or ``None``.
+
+    On TensorFlow, ``categorical_crossentropy``, ``sparse_categorical_crossentropy`` and
+    ``binary_crossentropy`` (``from_logits=False``) compute the loss from ``output._keras_logits``
+    when it is there (``keras/src/backend/tensorflow/nn.py``, ``_get_logits``): the loss flows
+    through the logits, not the output, so the output of the layer ending in that activation gets
+    no cotangent. The torch and JAX backends' losses never read it.
+
+    Example:
+        >>> keras_logits(keras.activations.softmax(keras.ops.ones((1, 2)))) is not None
+        True
+    """
+    logits = getattr(t, "_keras_logits", None)
+    return logits if is_float_tensor(logits) else None
+
+
 @dataclass
 class LayerCall:
     """One recorded call of a layer during the recording pass.
@@ -76,6 +93,8 @@ class LayerCall:
         needs_grad: Per input leaf (``keras.tree.flatten`` order of ``(args, kwargs)``): floating
             and carrying a gradient in training (filled after the backward pass).
         cotangents: The cotangent each output received (``None``: it did not reach the loss).
+        logit_cotangents: Per output, the cotangent its :func:`keras_logits` received where the
+            output itself received none (``None`` otherwise; empty off TensorFlow).
         rng: torch's CPU RNG state at the call (torch backend; ``None`` elsewhere).
     """
 
@@ -87,6 +106,7 @@ class LayerCall:
     outputs: list[Any] = field(default_factory=list)
     needs_grad: list[bool] = field(default_factory=list)
     cotangents: list[Any] = field(default_factory=list)
+    logit_cotangents: list[Any] = field(default_factory=list)
     rng: Any = None
 
     @property
@@ -232,9 +252,18 @@ class LayerProblem:
         return self._dot(out)
 
     def _dot(self, out: Any) -> Any:
+        """``<cotangent, output>`` summed over the outputs; for an output that reached the loss
+        only through its Keras logits (a softmax/sigmoid head on TensorFlow), ``<cotangent,
+        output._keras_logits>`` instead — the re-evaluated output carries them again."""
         ops = keras.ops
         total = None
-        for t, cot in zip(float_outputs(out), self.call.cotangents, strict=False):
+        outputs = float_outputs(out)
+        logit_cots = self.call.logit_cotangents or [None] * len(outputs)
+        for t, cot, logit_cot in zip(outputs, self.call.cotangents, logit_cots, strict=False):
+            if cot is None and logit_cot is not None:
+                t, cot = keras_logits(t), logit_cot
+                if t is None:
+                    raise ValueError("the re-run output carries no Keras logits (_keras_logits)")
             if cot is None or tuple(cot.shape) != tuple(t.shape):
                 continue
             term = ops.sum(ops.cast(t, self.precision) * ops.cast(cot, self.precision))

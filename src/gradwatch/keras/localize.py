@@ -5,7 +5,8 @@ inside a ``StatelessScope``) records every layer call: each selected layer's ``c
 the duration (an instance attribute, removed in ``finally``) to keep its inputs and non-trainable
 state and to obtain the cotangent of its outputs — on TensorFlow by watching the outputs on a
 ``tf.GradientTape`` (one ``tape.gradient`` gives every cotangent and tells which inputs carried a
-gradient), on torch and JAX by differentiating the loss with respect to a zero tensor added to
+gradient; also at a softmax/sigmoid output's ``_keras_logits``, which TensorFlow's crossentropy
+losses read instead of the output: :func:`~gradwatch.keras.local_check.keras_logits`), on torch and JAX by differentiating the loss with respect to a zero tensor added to
 each output (:mod:`gradwatch.keras.local_backends`, which says why). Each call is then checked
 alone (:class:`~gradwatch.keras.local_check.LayerProblem`) by the check engine, and the culprit is
 the innermost failing layer, exactly as on the torch side (:func:`gradwatch.localization.culprits`).
@@ -239,11 +240,13 @@ class KerasLocalizer:
             )
         import tensorflow as tf
 
-        from gradwatch.keras.local_check import is_float_tensor
+        from gradwatch.keras.local_check import is_float_tensor, keras_logits
 
         def watch(call: LayerCall, out: Any) -> Any:
             for t in call.outputs:
                 tape.watch(t)
+                if keras_logits(t) is not None:  # see below
+                    tape.watch(keras_logits(t))
             return out
 
         with tf.GradientTape() as tape:
@@ -256,7 +259,11 @@ class KerasLocalizer:
                 recorder.close()
         calls = recorder.calls
         inputs = [[x for x in c.leaves if is_float_tensor(x)] for c in calls]
+        # A softmax/sigmoid output's crossentropy is computed from the logits Keras attached to it
+        # (`keras_logits`), so the output gets no cotangent: take the logits' too (after the rest).
+        logits = [[_own_logits(t, c.outputs) for t in c.outputs] for c in calls]
         sources = [t for c in calls for t in c.outputs] + [x for xs in inputs for x in xs]
+        sources += [t for ts in logits for t in ts if t is not None]
         grads = tape.gradient(loss, sources) if sources else []
         it = iter(grads)
         for c in calls:
@@ -264,6 +271,13 @@ class KerasLocalizer:
         for c, xs in zip(calls, inputs, strict=True):
             flags = iter([next(it) is not None for _ in xs])
             c.needs_grad = [is_float_tensor(x) and next(flags) for x in c.leaves]
+        for c, ts in zip(calls, logits, strict=True):
+            got = [None if t is None else _dense(next(it)) for t in ts]
+            # Kept only where the output itself got none: otherwise the tape's gradient at the
+            # logits already includes the path through the output and would count it twice.
+            c.logit_cotangents = [
+                g if cot is None else None for g, cot in zip(got, c.cotangents, strict=True)
+            ]
         return calls
 
     def _check_calls(
@@ -295,7 +309,7 @@ class KerasLocalizer:
             reports: list[CheckReport] = []
             reasons: list[str] = []
             for k, call in enumerate(mine):
-                if not any(c is not None for c in call.cotangents):
+                if not any(c is not None for c in (*call.cotangents, *call.logit_cotangents)):
                     if call.outputs:
                         reasons.append("its output does not reach the loss")
                     continue
@@ -339,6 +353,15 @@ class KerasLocalizer:
 def _current(variable: Any) -> Any:
     """A variable's value as it is (no copy, no cast): the recording pass in the model's dtype."""
     return keras.ops.convert_to_tensor(variable.value)
+
+
+def _own_logits(t: Any, outputs: list[Any]) -> Any:
+    """``t``'s Keras logits, unless they are themselves one of the call's outputs (a layer that
+    returns both): that output's cotangent already is theirs."""
+    from gradwatch.keras.local_check import keras_logits
+
+    logits = keras_logits(t)
+    return None if logits is None or any(logits is o for o in outputs) else logits
 
 
 def _dense(grad: Any) -> Any:
