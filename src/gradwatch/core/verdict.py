@@ -28,7 +28,7 @@ __all__ = [
 #: The advice a mismatch message ends with until a localization names the module.
 LOCATE_ADVICE = (
     "; check the backward of the operations between it and the loss "
-    "(tensors nearer the loss that pass narrow it down)"
+    "(localize() or mode='modules' names the module whose backward is wrong)"
 )
 
 #: Below this share of conclusive ("ok") entries a check that found no failure is "inconclusive".
