@@ -13,6 +13,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from gradwatch.core.unchecked import unchecked_event
 from gradwatch.core.verdict import LOCATE_ADVICE
 from gradwatch.report import CheckReport, EntryResult, GradientEvent, Verdict, json_float
 
@@ -384,16 +385,7 @@ class LocalizationReport:
             what = "1 module was" if len(missed) == 1 else f"{len(missed)} modules were"
             extra.append(f"{what} not checked ({shown}{more})")
         if not self.modules:
-            events.append(
-                GradientEvent(
-                    step=-1 if step is None else step,
-                    kind="unchecked",
-                    param="global",
-                    value=float("nan"),
-                    threshold=float("nan"),
-                    message=f"nothing was verified: {self.summary}",
-                )
-            )
+            events.append(unchecked_event(step, f"nothing was verified: {self.summary}"))
         return CheckReport(
             step=step,
             verdict=verdict,
