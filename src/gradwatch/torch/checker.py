@@ -3,6 +3,8 @@
 The check runs on a float64 twin of the model (:mod:`gradwatch.torch.twin`), evaluates losses
 deterministically (:mod:`gradwatch.torch.evaluate`, batched by :mod:`gradwatch.torch.vmap` where
 that pays) and judges them with the framework-free engine (:func:`gradwatch.core.check.check_problem`).
+``mode="modules"`` and models over ``max_check_memory`` are checked module by module
+(:mod:`gradwatch.torch.module_checks`).
 """
 
 from __future__ import annotations
@@ -26,8 +28,16 @@ from gradwatch.core.finite_diff import tolerances_for
 from gradwatch.core.unchecked import unchecked_report
 from gradwatch.localization import ROOT
 from gradwatch.report import CheckReport
-from gradwatch.torch.evaluate import NP_DTYPES, Evaluator, LossFn, host_rng_preserved, np_dtype
-from gradwatch.torch.localize import Localizer, float64_bytes, free_memory
+from gradwatch.torch.evaluate import (
+    NP_DTYPES,
+    Evaluator,
+    LossFn,
+    _finite,
+    host_rng_preserved,
+    np_dtype,
+)
+from gradwatch.torch.localize import Localizer
+from gradwatch.torch.module_checks import check_modules, too_large
 from gradwatch.torch.reference import OwnPass, compare, module_state_kept, own_pass
 from gradwatch.torch.substitute import Substituted
 from gradwatch.torch.twin import Twin, cast_batch, named_trainable, unwrap_module
@@ -180,8 +190,8 @@ class TorchChecker:
         started = time.perf_counter()
         rng = np.random.default_rng(self.seed if sample_seed is None else sample_seed)
         seed = int(rng.integers(2**62))
-        if self.mode == "modules" or self._too_large() is not None:
-            return self._check_modules(batch, seed, step, started)
+        if self.mode == "modules" or too_large(self) is not None:
+            return check_modules(self, batch, seed, step, started)
         twin = self.twin()
         chosen = list(range(len(self.names))) if tensors is None else list(tensors)
 
@@ -208,102 +218,6 @@ class TorchChecker:
                 if report is not None:
                     return report
             return self._on_model(batch, seed, judge, step, started)
-
-    def _too_large(self) -> int | None:
-        """The memory limit, when a float64 copy is not built yet and would exceed it."""
-        if self.torch_dtype != torch.float64 or self._twin is not None:
-            return None
-        limit = self.max_check_memory
-        if limit is None:
-            limit = free_memory(next(self.model.parameters()).device)
-        return limit if limit is not None and float64_bytes(self.model) > limit else None
-
-    def _check_modules(
-        self, batch: Any, seed: int, step: int | None, started: float
-    ) -> CheckReport:
-        """Each module's own backward checked alone (``mode="modules"``, or a model whose float64
-        copy would exceed ``max_check_memory``: then module by module)."""
-        rtol = tolerances_for(np.dtype(np.float64), self.rtol).rtol
-        limit = self._too_large()
-        if limit is not None:
-            found = self._module_localizer(None, limit).localize(batch, seed=seed)
-            mode_note = (
-                []
-                if self.mode == "modules"
-                else [
-                    f"mode={self.mode!r} needs the float64 copy of the whole model: each "
-                    f"module's own backward was checked instead (as mode='modules')"
-                ]
-            )
-            return found.as_check(rtol=rtol, step=step, notes=mode_note, started=started)
-        twin = self.twin()
-        with host_rng_preserved():
-            if not twin.in_place and not self.copy_disagrees:
-                self._verify_copy(twin, batch, seed)
-            if self.copy_disagrees:
-                return self._modules_fallback(batch, seed, step, started)
-            if self._localizer is None:
-                self._localizer = self._module_localizer(twin, None)
-            found = self._localizer.localize(batch, seed=seed)
-        return found.as_check(rtol=rtol, step=step, notes=self._precision_note(), started=started)
-
-    def _module_localizer(self, twin: Twin | None, limit: int | None) -> Localizer:
-        return Localizer(
-            self.model,
-            self.loss_fn,
-            seed=self.seed,
-            include=[p.pattern for p in self.module_patterns[0]] or None,
-            exclude=[p.pattern for p in self.module_patterns[1]] or None,
-            max_check_memory=limit,
-            twin=twin,
-            prepare=self.prepare,
-            rtol=self.rtol,
-            eps=self.eps,
-        )
-
-    def _verify_copy(self, twin: Twin, batch: Any, seed: int) -> None:
-        """Compare the copy's loss and gradients with the model's own pass (sets
-        :attr:`copy_disagrees` when the copy is not the model's function)."""
-        with twin.synced() as module:
-            evaluator = self._evaluator(module, batch, seed, vectorize=False)
-            try:
-                evaluator.compute_base()
-                if _finite(evaluator):
-                    self._own = self._own_pass(batch, seed)
-                    found = compare(self.names, evaluator.base_loss, evaluator.autodiff, self._own)
-                    self.agreement = found
-                    if not found.agrees:
-                        self.copy_disagrees = "the float64 copy's " + found.describe()
-            finally:
-                evaluator.restore_buffers()
-
-    def _modules_fallback(
-        self, batch: Any, seed: int, step: int | None, started: float
-    ) -> CheckReport:
-        """``mode="modules"`` on a model whose float64 copy is not its function: the whole
-        model checked by coordinates, with float64 tensors swapped into the model itself."""
-        rng = np.random.default_rng([self.seed, seed])
-        why = (
-            "mode='modules' checks the modules of the float64 copy, which is not the model's "
-            "function here, so this check fell back to mode='coordinate'"
-        )
-
-        def judge(evaluator: Evaluator, notes: list[str]) -> CheckReport:
-            return check_problem(
-                evaluator,
-                tensors=list(range(len(self.names))),
-                num_params=self.num_params,
-                mode="coordinate",
-                rng=rng,
-                rtol=self.rtol,
-                eps=self.eps,
-                step=step,
-                notes=[why, *notes],
-                started=started,
-                hint="check that loss_fn runs the model",
-            )
-
-        return self._on_model(batch, seed, judge, step, started)
 
     def _evaluator(self, module: nn.Module, batch: Any, seed: int, **kwargs: Any) -> Evaluator:
         lookup = dict(named_trainable(module, self.include, self.exclude))
@@ -444,13 +358,6 @@ class TorchChecker:
             seconds=time.perf_counter() - started,
             notes=self.twin().notes,
         )
-
-
-def _finite(evaluator: Evaluator) -> bool:
-    """Whether the base loss and every autodiff gradient of ``evaluator`` are finite."""
-    if not np.isfinite(evaluator.base_loss):
-        return False
-    return all(bool(torch.isfinite(g).all()) for g in evaluator.autodiff if g is not None)
 
 
 def check_gradients(

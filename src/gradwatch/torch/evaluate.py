@@ -298,5 +298,12 @@ class Evaluator:
         ]
 
 
+def _finite(evaluator: Evaluator) -> bool:
+    """Whether the base loss and every autodiff gradient of ``evaluator`` are finite."""
+    if not np.isfinite(evaluator.base_loss):
+        return False
+    return all(bool(torch.isfinite(g).all()) for g in evaluator.autodiff if g is not None)
+
+
 def _unpack(t: torch.Tensor) -> torch.Tensor:
     return t

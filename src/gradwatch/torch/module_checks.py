@@ -1,0 +1,132 @@
+"""``mode="modules"`` and ``max_check_memory`` for :class:`~gradwatch.torch.checker.TorchChecker`.
+
+A check in ``mode="modules"``, or of a model whose float64 copy would exceed ``max_check_memory``,
+checks each module's own backward alone (:class:`~gradwatch.torch.localize.Localizer`) and turns
+what it finds into a :class:`~gradwatch.CheckReport`. These functions take the checker: its
+options, its float64 copy, and the verification of that copy against the model's own pass are
+shared with the whole-model check.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from gradwatch.core.check import check_problem
+from gradwatch.core.finite_diff import tolerances_for
+from gradwatch.report import CheckReport
+from gradwatch.torch.evaluate import Evaluator, _finite, host_rng_preserved
+from gradwatch.torch.localize import Localizer, float64_bytes, free_memory
+from gradwatch.torch.reference import compare
+from gradwatch.torch.twin import Twin
+
+if TYPE_CHECKING:
+    from gradwatch.torch.checker import TorchChecker
+
+__all__ = ["check_modules", "too_large"]
+
+
+def too_large(checker: TorchChecker) -> int | None:
+    """The memory limit, when a float64 copy is not built yet and would exceed it."""
+    if checker.torch_dtype != torch.float64 or checker._twin is not None:
+        return None
+    limit = checker.max_check_memory
+    if limit is None:
+        limit = free_memory(next(checker.model.parameters()).device)
+    return limit if limit is not None and float64_bytes(checker.model) > limit else None
+
+
+def check_modules(
+    checker: TorchChecker, batch: Any, seed: int, step: int | None, started: float
+) -> CheckReport:
+    """Each module's own backward checked alone (``mode="modules"``, or a model whose float64
+    copy would exceed ``max_check_memory``: then module by module)."""
+    rtol = tolerances_for(np.dtype(np.float64), checker.rtol).rtol
+    limit = too_large(checker)
+    if limit is not None:
+        found = _module_localizer(checker, None, limit).localize(batch, seed=seed)
+        mode_note = (
+            []
+            if checker.mode == "modules"
+            else [
+                f"mode={checker.mode!r} needs the float64 copy of the whole model: each "
+                f"module's own backward was checked instead (as mode='modules')"
+            ]
+        )
+        return found.as_check(rtol=rtol, step=step, notes=mode_note, started=started)
+    twin = checker.twin()
+    with host_rng_preserved():
+        if not twin.in_place and not checker.copy_disagrees:
+            _verify_copy(checker, twin, batch, seed)
+        if checker.copy_disagrees:
+            return _modules_fallback(checker, batch, seed, step, started)
+        if checker._localizer is None:
+            checker._localizer = _module_localizer(checker, twin, None)
+        found = checker._localizer.localize(batch, seed=seed)
+    return found.as_check(rtol=rtol, step=step, notes=checker._precision_note(), started=started)
+
+
+def _module_localizer(checker: TorchChecker, twin: Twin | None, limit: int | None) -> Localizer:
+    return Localizer(
+        checker.model,
+        checker.loss_fn,
+        seed=checker.seed,
+        include=[p.pattern for p in checker.module_patterns[0]] or None,
+        exclude=[p.pattern for p in checker.module_patterns[1]] or None,
+        max_check_memory=limit,
+        twin=twin,
+        prepare=checker.prepare,
+        rtol=checker.rtol,
+        eps=checker.eps,
+    )
+
+
+def _verify_copy(checker: TorchChecker, twin: Twin, batch: Any, seed: int) -> None:
+    """Compare the copy's loss and gradients with the model's own pass (sets
+    :attr:`~gradwatch.torch.checker.TorchChecker.copy_disagrees` when the copy is not the model's
+    function)."""
+    with twin.synced() as module:
+        evaluator = checker._evaluator(module, batch, seed, vectorize=False)
+        try:
+            evaluator.compute_base()
+            if _finite(evaluator):
+                checker._own = checker._own_pass(batch, seed)
+                found = compare(
+                    checker.names, evaluator.base_loss, evaluator.autodiff, checker._own
+                )
+                checker.agreement = found
+                if not found.agrees:
+                    checker.copy_disagrees = "the float64 copy's " + found.describe()
+        finally:
+            evaluator.restore_buffers()
+
+
+def _modules_fallback(
+    checker: TorchChecker, batch: Any, seed: int, step: int | None, started: float
+) -> CheckReport:
+    """``mode="modules"`` on a model whose float64 copy is not its function: the whole
+    model checked by coordinates, with float64 tensors swapped into the model itself."""
+    rng = np.random.default_rng([checker.seed, seed])
+    why = (
+        "mode='modules' checks the modules of the float64 copy, which is not the model's "
+        "function here, so this check fell back to mode='coordinate'"
+    )
+
+    def judge(evaluator: Evaluator, notes: list[str]) -> CheckReport:
+        return check_problem(
+            evaluator,
+            tensors=list(range(len(checker.names))),
+            num_params=checker.num_params,
+            mode="coordinate",
+            rng=rng,
+            rtol=checker.rtol,
+            eps=checker.eps,
+            step=step,
+            notes=[why, *notes],
+            started=started,
+            hint="check that loss_fn runs the model",
+        )
+
+    return checker._on_model(batch, seed, judge, step, started)
