@@ -448,7 +448,8 @@ def bench_keras(repeats: int, steps: int) -> None:
     import tensorflow as tf
 
     from gradwatch.keras import GradWatch
-    from gradwatch.keras.checker import KerasChecker, _Problem
+    from gradwatch.keras.checker import KerasChecker
+    from gradwatch.keras.problem import _Problem
 
     model = keras_mlp()
     rng = np.random.default_rng(0)

@@ -29,7 +29,7 @@ from gradwatch import options as v
 from gradwatch.core.local import check_local
 from gradwatch.keras import _compat
 from gradwatch.keras.backend import torch_rng
-from gradwatch.keras.checker import KerasChecker, _cast_tree, _pack, _value_in
+from gradwatch.keras.checker import KerasChecker
 from gradwatch.keras.local_backends import (
     CallRecorder,
     float64_bytes,
@@ -39,6 +39,7 @@ from gradwatch.keras.local_backends import (
     record_calls,
     suspect_notes,
 )
+from gradwatch.keras.problem import _cast_tree, _pack, _value_in
 from gradwatch.localization import ROOT, LocalizationReport, ModuleResult, module_result
 from gradwatch.report import CheckReport
 
