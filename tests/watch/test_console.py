@@ -124,3 +124,17 @@ def test_a_localized_failure_is_not_said_to_be_of_the_tensors_module():
 def test_keras_variable_paths_keep_their_separator():
     events = [GradientEvent(0, "mismatch", f"net/block/dense/{p}", 0.1, 1e-3, "off") for p in "kb"]
     assert "2 tensors of net/block/dense (" in summary_line(events)
+
+
+def test_a_later_unlocalized_failure_recalls_the_module_localized_before():
+    def bug(step, module):
+        return [
+            GradientEvent(step, "mismatch", f"net.0.{p}", 0.1, 1e-3, "off", module)
+            for p in ("weight", "bias")
+        ]
+
+    console = Console()
+    console.lines(bug(0, "net.2"))
+    (again,) = console.lines(bug(25, None))  # later checks localize only within the budget
+    assert again.startswith("gradwatch: still failing at step 25: mismatch in the same 2 tensors")
+    assert "(localized to net.2 at an earlier check)" in again

@@ -216,6 +216,9 @@ class Console:
     def reset(self) -> None:
         """A new run: nothing reported yet."""
         self._reported: dict[str, set[str]] = {}
+        #: The module a localization named for a tensor's failure (later checks that are not
+        #: localized say so too).
+        self._culprit: dict[str, str] = {}
         self.halted = False
 
     def lines(self, events: Iterable[GradientEvent]) -> list[str]:
@@ -242,11 +245,15 @@ class Console:
                     value = f"worst {worst.value:.3g} in {worst.param}"
                 else:
                     what, value = params[0], f"{worst.value:.3g}"
+                known = {self._culprit.get(p) for p in params}
+                if _module_of(group[0]) is None and len(known) == 1 and None not in known:
+                    what += f" (localized to {known.pop()} at an earlier check)"
                 out.append(
                     f"gradwatch: still failing at step {group[0].step}: {kind} in {what} "
                     f"(relative error {value})"
                 )
             reported.update(params)
+            self._culprit.update({e.param: e.module for e in group if e.module})
         return out
 
     def announce(self, events: Sequence[GradientEvent]) -> None:
