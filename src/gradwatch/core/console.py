@@ -240,14 +240,16 @@ class Console:
                 out.append(line)
             else:
                 worst = _worst(group)
+                known = {self._culprit.get(p) for p in params}
+                recalled = _module_of(group[0]) is None and len(known) == 1 and None not in known
                 if len(params) > 1:
-                    what = f"the same {_tensors(group, params)}"
+                    tensors = f"{len(params)} tensors" if recalled else _tensors(group, params)
+                    what = f"the same {tensors}"
                     value = f"worst {worst.value:.3g} in {worst.param}"
                 else:
                     what, value = params[0], f"{worst.value:.3g}"
-                known = {self._culprit.get(p) for p in params}
-                if _module_of(group[0]) is None and len(known) == 1 and None not in known:
-                    what += f" (localized to {known.pop()} at an earlier check)"
+                if recalled:
+                    what += f", localized to {known.pop()} at an earlier check,"
                 out.append(
                     f"gradwatch: still failing at step {group[0].step}: {kind} in {what} "
                     f"(relative error {value})"
