@@ -137,4 +137,4 @@ def test_a_later_unlocalized_failure_recalls_the_module_localized_before():
     console.lines(bug(0, "net.2"))
     (again,) = console.lines(bug(25, None))  # later checks localize only within the budget
     assert again.startswith("gradwatch: still failing at step 25: mismatch in the same 2 tensors")
-    assert "2 tensors, localized to net.2 at an earlier check, (relative error" in again
+    assert "2 tensors, localized to net.2 at an earlier check (relative error" in again

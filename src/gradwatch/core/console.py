@@ -249,7 +249,7 @@ class Console:
                 else:
                     what, value = params[0], f"{worst.value:.3g}"
                 if recalled:
-                    what += f", localized to {known.pop()} at an earlier check,"
+                    what += f", localized to {known.pop()} at an earlier check"
                 out.append(
                     f"gradwatch: still failing at step {group[0].step}: {kind} in {what} "
                     f"(relative error {value})"
