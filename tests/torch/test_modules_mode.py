@@ -268,3 +268,38 @@ def test_a_module_that_cannot_run_alone_is_named_in_one_note():
         "1 module was not checked (child: it could not be re-run alone (RuntimeError: called "
         "outside its parent))"
     ]
+
+
+class _BadScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, s):
+        ctx.save_for_backward(x, s)
+        return x * s
+
+    @staticmethod
+    def backward(ctx, g):
+        x, s = ctx.saved_tensors
+        return g * s, (g * x).sum().reshape(s.shape) * 2.0  # wrong: x2 on the scale's gradient
+
+
+def test_parameters_no_module_call_holds_are_checked_on_the_whole_loss():
+    # Lightning style: the step calls a submodule and uses a root parameter itself (CLIP's
+    # logit_scale); the model is never called, so no local check sees logit_scale.
+    class CLIPish(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Linear(4, 4)
+            self.logit_scale = torch.nn.Parameter(torch.ones(()))
+
+    def loss_fn(m, b):
+        return torch.nn.functional.mse_loss(_BadScale.apply(m.enc(b[0]), m.logit_scale), b[1])
+
+    torch.manual_seed(0)
+    batch = (torch.randn(5, 4), torch.randn(5, 4))
+    report = check_gradients(CLIPish(), batch, loss_fn, mode="modules")
+    assert report.verdict == "fail", str(report)
+    assert [(e.kind, e.param) for e in report.events] == [("mismatch", "logit_scale")]
+    assert any(
+        n.startswith("1 tensor lies in no checked module (logit_scale") for n in report.notes
+    )
+    assert {"enc.weight", "enc.bias", "logit_scale"} <= set(report.params)

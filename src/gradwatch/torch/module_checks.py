@@ -9,14 +9,17 @@ shared with the whole-model check.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from gradwatch import options as v
 from gradwatch.core.check import check_problem
 from gradwatch.core.finite_diff import tolerances_for
-from gradwatch.report import CheckReport
+from gradwatch.localization import ROOT, LocalizationReport, is_inside
+from gradwatch.report import CheckReport, Verdict
 from gradwatch.torch.evaluate import Evaluator, _finite, host_rng_preserved
 from gradwatch.torch.localize import Localizer, float64_bytes, free_memory
 from gradwatch.torch.reference import compare
@@ -65,7 +68,75 @@ def check_modules(
         if checker._localizer is None:
             checker._localizer = _module_localizer(checker, twin, None)
         found = checker._localizer.localize(batch, seed=seed)
-    return found.as_check(rtol=rtol, step=step, notes=checker._precision_note(), started=started)
+        report = found.as_check(
+            rtol=rtol, step=step, notes=checker._precision_note(), started=started
+        )
+        outside = _uncovered(checker, found)
+        if not outside:
+            return report
+        # Parameters no checked module holds (the root's own, when loss_fn calls submodules and
+        # never the model; a module that could not run alone): checked on the whole loss.
+        rng = np.random.default_rng([checker.seed, seed, 1])
+
+        def judge(evaluator: Evaluator, notes: list[str]) -> CheckReport:
+            return check_problem(
+                evaluator,
+                tensors=outside,
+                num_params=len(outside),
+                mode="directional",
+                rng=rng,
+                rtol=checker.rtol,
+                eps=checker.eps,
+                step=step,
+                notes=notes,
+                started=started,
+                hint="check that loss_fn runs the model",
+            )
+
+        whole = checker._on_copy(twin, batch, seed, judge, verify=False)
+    return (
+        report if whole is None else _with_whole(report, whole, [checker.names[i] for i in outside])
+    )
+
+
+def _uncovered(checker: TorchChecker, found: LocalizationReport) -> list[int]:
+    """Indices of the checked parameters whose module was selected but lies in no checked
+    module (so no local check saw them)."""
+    checked = [m.name for m in found.modules]
+    out = []
+    for i, name in enumerate(checker.names):
+        owner = name.rsplit(".", 1)[0] if "." in name else ROOT
+        if not v.selected(owner, *checker.module_patterns):
+            continue
+        if not any(owner == c or is_inside(owner, c) for c in checked):
+            out.append(i)
+    return out
+
+
+def _with_whole(local: CheckReport, whole: CheckReport, names: list[str]) -> CheckReport:
+    """The local checks' report with the whole-loss check of the parameters they did not see."""
+    verdicts = [whole.verdict] + ([local.verdict] if local.results else [])
+    verdict: Verdict = (
+        "fail" if "fail" in verdicts else "pass" if set(verdicts) == {"pass"} else "inconclusive"
+    )
+    errors = [e for e in (local.max_rel_error, whole.max_rel_error) if e is not None]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    what = "1 tensor lies" if len(names) == 1 else f"{len(names)} tensors lie"
+    note = (
+        f"{what} in no checked module ({shown}; code outside modules uses "
+        f"them, or their module could not be checked alone): they were checked along a random "
+        f"direction of the whole loss"
+    )
+    return replace(
+        local,
+        verdict=verdict,
+        max_rel_error=max(errors) if errors else None,
+        results=local.results + whole.results,
+        events=local.events + whole.events,
+        evaluations=local.evaluations + whole.evaluations,
+        seconds=max(local.seconds, whole.seconds),
+        notes=(*local.notes, note, *whole.notes),
+    )
 
 
 def _module_localizer(checker: TorchChecker, twin: Twin | None, limit: int | None) -> Localizer:
