@@ -74,3 +74,11 @@ def test_include_selects_layers_by_path_in_mode_modules():
     assert report.params == ("act:input",), str(report)
     with pytest.raises(ValueError, match="left no layer to check"):
         check_gradients(functional_bug(None), *_batch(), mode="modules", include="nothing")
+
+
+def test_over_max_check_memory_include_on_variable_paths_selects_their_layers():
+    keras.utils.set_random_seed(1)
+    model = functional_bug("scaled")
+    report = check_gradients(model, *_batch(), max_check_memory=600, include="head/")
+    assert {r.param.split(":")[0].split(".")[0] for r in report.results} == {"head"}, str(report)
+    assert any("selected the layers holding those variables" in n for n in report.notes)

@@ -303,3 +303,25 @@ def test_parameters_no_module_call_holds_are_checked_on_the_whole_loss():
         n.startswith("1 tensor lies in no checked module (logit_scale") for n in report.notes
     )
     assert {"enc.weight", "enc.bias", "logit_scale"} <= set(report.params)
+
+
+def test_over_max_check_memory_include_selects_the_modules_holding_the_parameters():
+    torch.manual_seed(1)
+    model = LocCNN("activation")  # the bug is in block2.act, which holds no parameter
+    limit = float64_bytes(model.block1) + 8
+    only = check_gradients(
+        model, cnn_batch(), cnn_loss, max_check_memory=limit, include=r"block1\."
+    )
+    assert only.verdict == "pass", str(only)
+    assert {r.param.split(":")[0].rsplit(".", 1)[0] for r in only.results} <= {
+        "block1.conv",
+        "block1.norm",
+        "block1",
+    }, only.params
+    assert any("selected the modules that hold the selected parameters" in n for n in only.notes)
+    without = check_gradients(
+        model, cnn_batch(), cnn_loss, max_check_memory=limit, exclude="block1"
+    )
+    assert [e.module for e in without.events] == ["block2.act"], str(without)
+    # modules holding excluded parameters are left out; parameter-free ones are not
+    assert not any(r.param.startswith(("block1.conv", "block1.norm")) for r in without.results)

@@ -12,6 +12,7 @@ come from the backend's own autodiff (:mod:`gradwatch.keras.backend`). The model
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -213,6 +214,24 @@ class KerasChecker:
             limit = free_memory(self.model)
         return limit is not None and float64_bytes(self.model.weights) > limit
 
+    def _layer_patterns(self) -> tuple[Any, Any]:
+        """``include``/``exclude`` on layer paths: as given in ``mode="modules"``; otherwise (over
+        the memory limit) the variable-path patterns turned into the layers that hold a selected
+        variable (``include`` given) or none (``exclude`` only)."""
+        include, exclude = self._patterns
+        if self.mode == "modules" or not (include or exclude):
+            return include, exclude
+        from gradwatch.keras.localize import _weights, layer_tree
+
+        chosen = {id(w) for w in self.trainable_sources}
+        holding = [(n, [w for _, w in _weights(layer)[0]]) for n, layer in layer_tree(self.model)]
+        holding = [(n, ws) for n, ws in holding if ws]
+        picked = [n for n, ws in holding if any(id(w) in chosen for w in ws)]
+        if include:
+            return [f"^{re.escape(n)}$" for n in picked], None
+        others = [f"^{re.escape(n)}$" for n, _ in holding if n not in picked]
+        return None, others or None
+
     def _check_layers(
         self,
         x: Any,
@@ -228,7 +247,7 @@ class KerasChecker:
         if self._localizer is None:
             from gradwatch.keras.localize import KerasLocalizer
 
-            include, exclude = self._patterns
+            include, exclude = self._layer_patterns()
             self._localizer = KerasLocalizer(
                 self.model,
                 loss=self.loss,
@@ -247,10 +266,16 @@ class KerasChecker:
         rtol = tolerances_for(np.dtype(precision), self.rtol).rtol
         notes = list(self.notes)
         if self.mode != "modules":
+            chosen = any(self._patterns)
             notes.append(
                 f"mode={self.mode!r} needs float64 values of every weight, more than the "
                 f"memory limit: each layer's own backward was checked instead (as "
                 f"mode='modules')"
+                + (
+                    "; include/exclude selected the layers holding those variables"
+                    if chosen
+                    else ""
+                )
             )
         return found.as_check(rtol=rtol, step=step, dtype=precision, notes=notes, started=started)
 

@@ -9,6 +9,7 @@ shared with the whole-model check.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from gradwatch.report import CheckReport, Verdict
 from gradwatch.torch.evaluate import Evaluator, _finite, host_rng_preserved
 from gradwatch.torch.localize import Localizer, float64_bytes, free_memory
 from gradwatch.torch.reference import compare
-from gradwatch.torch.twin import Twin
+from gradwatch.torch.twin import Twin, named_trainable
 
 if TYPE_CHECKING:
     from gradwatch.torch.checker import TorchChecker
@@ -50,14 +51,17 @@ def check_modules(
     limit = too_large(checker)
     if limit is not None:
         found = _module_localizer(checker, None, limit).localize(batch, seed=seed)
-        mode_note = (
-            []
-            if checker.mode == "modules"
-            else [
+        mode_note = []
+        if checker.mode != "modules":
+            mode_note.append(
                 f"mode={checker.mode!r} needs the float64 copy of the whole model: each "
                 f"module's own backward was checked instead (as mode='modules')"
-            ]
-        )
+                + (
+                    "; include/exclude selected the modules that hold the selected parameters"
+                    if checker.include or checker.exclude
+                    else ""
+                )
+            )
         return found.as_check(rtol=rtol, step=step, notes=mode_note, started=started)
     twin = checker.twin()
     with host_rng_preserved():
@@ -139,13 +143,34 @@ def _with_whole(local: CheckReport, whole: CheckReport, names: list[str]) -> Che
     )
 
 
+def _module_selection(checker: TorchChecker) -> tuple[list[str] | None, list[str] | None]:
+    """``include``/``exclude`` on module names: as given in ``mode="modules"``; otherwise (a
+    model over ``max_check_memory``) the parameter patterns turned into the modules holding the
+    selected parameters (``include`` given) or none of them (``exclude`` only)."""
+    if checker.mode == "modules" or not (checker.include or checker.exclude):
+        return (
+            [p.pattern for p in checker.module_patterns[0]] or None,
+            [p.pattern for p in checker.module_patterns[1]] or None,
+        )
+
+    def owner(name: str) -> str:
+        return name.rsplit(".", 1)[0] if "." in name else ROOT
+
+    chosen = {owner(n) for n in checker.names}
+    every = {owner(n) for n, _ in named_trainable(checker.model, [], [])}
+    if checker.include:
+        return [f"^{re.escape(o)}$" for o in sorted(chosen)], None
+    return None, [f"^{re.escape(o)}$" for o in sorted(every - chosen)] or None
+
+
 def _module_localizer(checker: TorchChecker, twin: Twin | None, limit: int | None) -> Localizer:
+    include, exclude = _module_selection(checker)
     return Localizer(
         checker.model,
         checker.loss_fn,
         seed=checker.seed,
-        include=[p.pattern for p in checker.module_patterns[0]] or None,
-        exclude=[p.pattern for p in checker.module_patterns[1]] or None,
+        include=include,
+        exclude=exclude,
         max_check_memory=limit,
         twin=twin,
         prepare=checker.prepare,
