@@ -194,21 +194,7 @@ class TorchChecker:
             return check_modules(self, batch, seed, step, started)
         twin = self.twin()
         chosen = list(range(len(self.names))) if tensors is None else list(tensors)
-
-        def judge(evaluator: Evaluator, notes: list[str]) -> CheckReport:
-            return check_problem(
-                evaluator,
-                tensors=chosen,
-                num_params=self.num_params,
-                mode=self.mode,
-                rng=rng,
-                rtol=self.rtol,
-                eps=self.eps,
-                step=step,
-                notes=notes,
-                started=started,
-                hint="check that loss_fn runs the model",
-            )
+        judge = self.judge(chosen, self.mode, rng, step, started)
 
         self._own = None
         with host_rng_preserved():
@@ -263,16 +249,54 @@ class TorchChecker:
             evaluator = self._evaluator(module, batch, seed, vectorize=self.vectorize)
             try:
                 evaluator.compute_base()
-                if verify and _finite(evaluator):  # else the engine reports what is not finite
-                    self._own = self._own_pass(batch, seed)
-                    found = compare(self.names, evaluator.base_loss, evaluator.autodiff, self._own)
-                    self.agreement = found
-                    if not found.agrees:
-                        self.copy_disagrees = "the float64 copy's " + found.describe()
-                        return None
+                if verify and not self.copy_agrees(evaluator, batch, seed):
+                    return None
                 return judge(evaluator, [*twin.notes, *self._precision_note()])
             finally:
                 evaluator.restore_buffers()
+
+    def judge(
+        self,
+        tensors: list[int],
+        mode: str,
+        rng: np.random.Generator,
+        step: int | None,
+        started: float,
+        *,
+        num_params: int | None = None,
+        lead: Sequence[str] = (),
+    ) -> Callable[[Evaluator, list[str]], CheckReport]:
+        """How an evaluator is judged: the engine on ``tensors`` in ``mode`` with this checker's
+        tolerances (``lead``: notes put before the evaluator's)."""
+
+        def judge(evaluator: Evaluator, notes: list[str]) -> CheckReport:
+            return check_problem(
+                evaluator,
+                tensors=tensors,
+                num_params=self.num_params if num_params is None else num_params,
+                mode=mode,
+                rng=rng,
+                rtol=self.rtol,
+                eps=self.eps,
+                step=step,
+                notes=[*lead, *notes],
+                started=started,
+                hint="check that loss_fn runs the model",
+            )
+
+        return judge
+
+    def copy_agrees(self, evaluator: Evaluator, batch: Any, seed: int) -> bool:
+        """Whether the copy (``evaluator``, base computed) gives the model's own loss and gradients
+        (else :attr:`copy_disagrees` says how); a non-finite one is left to the engine."""
+        if not _finite(evaluator):
+            return True
+        self._own = self._own_pass(batch, seed)
+        found = compare(self.names, evaluator.base_loss, evaluator.autodiff, self._own)
+        self.agreement = found
+        if not found.agrees:
+            self.copy_disagrees = "the float64 copy's " + found.describe()
+        return found.agrees
 
     def _own_pass(self, batch: Any, seed: int) -> OwnPass:
         lookup = dict(named_trainable(self.model, self.include, self.exclude))

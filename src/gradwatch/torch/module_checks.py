@@ -17,13 +17,11 @@ import numpy as np
 import torch
 
 from gradwatch import options as v
-from gradwatch.core.check import check_problem
 from gradwatch.core.finite_diff import tolerances_for
 from gradwatch.localization import ROOT, LocalizationReport, is_inside
 from gradwatch.report import CheckReport, Verdict
-from gradwatch.torch.evaluate import Evaluator, _finite, host_rng_preserved
+from gradwatch.torch.evaluate import host_rng_preserved
 from gradwatch.torch.localize import Localizer, float64_bytes, free_memory
-from gradwatch.torch.reference import compare
 from gradwatch.torch.twin import Twin, named_trainable
 
 if TYPE_CHECKING:
@@ -81,22 +79,7 @@ def check_modules(
         # Parameters no checked module holds (the root's own, when loss_fn calls submodules and
         # never the model; a module that could not run alone): checked on the whole loss.
         rng = np.random.default_rng([checker.seed, seed, 1])
-
-        def judge(evaluator: Evaluator, notes: list[str]) -> CheckReport:
-            return check_problem(
-                evaluator,
-                tensors=outside,
-                num_params=len(outside),
-                mode="directional",
-                rng=rng,
-                rtol=checker.rtol,
-                eps=checker.eps,
-                step=step,
-                notes=notes,
-                started=started,
-                hint="check that loss_fn runs the model",
-            )
-
+        judge = checker.judge(outside, "directional", rng, step, started, num_params=len(outside))
         whole = checker._on_copy(twin, batch, seed, judge, verify=False)
     return (
         report if whole is None else _with_whole(report, whole, [checker.names[i] for i in outside])
@@ -187,14 +170,7 @@ def _verify_copy(checker: TorchChecker, twin: Twin, batch: Any, seed: int) -> No
         evaluator = checker._evaluator(module, batch, seed, vectorize=False)
         try:
             evaluator.compute_base()
-            if _finite(evaluator):
-                checker._own = checker._own_pass(batch, seed)
-                found = compare(
-                    checker.names, evaluator.base_loss, evaluator.autodiff, checker._own
-                )
-                checker.agreement = found
-                if not found.agrees:
-                    checker.copy_disagrees = "the float64 copy's " + found.describe()
+            checker.copy_agrees(evaluator, batch, seed)
         finally:
             evaluator.restore_buffers()
 
@@ -209,20 +185,6 @@ def _modules_fallback(
         "mode='modules' checks the modules of the float64 copy, which is not the model's "
         "function here, so this check fell back to mode='coordinate'"
     )
-
-    def judge(evaluator: Evaluator, notes: list[str]) -> CheckReport:
-        return check_problem(
-            evaluator,
-            tensors=list(range(len(checker.names))),
-            num_params=checker.num_params,
-            mode="coordinate",
-            rng=rng,
-            rtol=checker.rtol,
-            eps=checker.eps,
-            step=step,
-            notes=[why, *notes],
-            started=started,
-            hint="check that loss_fn runs the model",
-        )
-
+    every = list(range(len(checker.names)))
+    judge = checker.judge(every, "coordinate", rng, step, started, lead=[why])
     return checker._on_model(batch, seed, judge, step, started)
