@@ -8,6 +8,7 @@ code of its own). Plain Python values only, like :mod:`gradwatch.report`.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,9 +26,11 @@ __all__ = [
     "ModuleResult",
     "culprits",
     "failure_detail",
+    "holder_patterns",
     "is_inside",
     "module_result",
     "module_verdict",
+    "owner_of",
     "slot_name",
     "slot_phrase",
 ]
@@ -58,6 +61,35 @@ def slot_phrase(slot: str) -> str:
     if slot == INNER_SLOTS[1]:
         return "sublayers' weight gradient"
     return f"{slot} gradient"
+
+
+def owner_of(param: str) -> str:
+    """The module a parameter belongs to, by its dotted name (the model's own: :data:`ROOT`).
+
+    Example:
+        >>> owner_of("block.conv.weight"), owner_of("logit_scale")
+        ('block.conv', '<model>')
+    """
+    return param.rsplit(".", 1)[0] if "." in param else ROOT
+
+
+def holder_patterns(
+    holders: Sequence[tuple[str, bool]], include: bool
+) -> tuple[list[str] | None, list[str] | None]:
+    """``include``/``exclude`` on module names standing for patterns on tensor names, when a
+    check must go module by module: ``holders`` are ``(module, holds a selected tensor)`` for
+    each module holding tensors. With ``include`` given: the modules holding a selected tensor;
+    otherwise: leave out the modules holding none.
+
+    Example:
+        >>> holder_patterns([("a", True), ("b", False)], include=True)
+        (['^a$'], None)
+        >>> holder_patterns([("a", True), ("b", False)], include=False)
+        (None, ['^b$'])
+    """
+    if include:
+        return [f"^{re.escape(n)}$" for n, chosen in holders if chosen], None
+    return None, [f"^{re.escape(n)}$" for n, chosen in holders if not chosen] or None
 
 
 def slot_name(module: str, slot: str) -> str:

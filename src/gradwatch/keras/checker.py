@@ -12,7 +12,6 @@ come from the backend's own autodiff (:mod:`gradwatch.keras.backend`). The model
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -26,7 +25,7 @@ from gradwatch.core.check import check_problem
 from gradwatch.core.finite_diff import tolerances_for
 from gradwatch.keras.problem import _pack, _Problem
 from gradwatch.keras.twin import Float64Evaluation, compiled_loss, model_dtype
-from gradwatch.localization import LocalizationReport
+from gradwatch.localization import LocalizationReport, holder_patterns
 from gradwatch.report import CheckReport
 
 __all__ = [
@@ -225,12 +224,8 @@ class KerasChecker:
 
         chosen = {id(w) for w in self.trainable_sources}
         holding = [(n, [w for _, w in _weights(layer)[0]]) for n, layer in layer_tree(self.model)]
-        holding = [(n, ws) for n, ws in holding if ws]
-        picked = [n for n, ws in holding if any(id(w) in chosen for w in ws)]
-        if include:
-            return [f"^{re.escape(n)}$" for n in picked], None
-        others = [f"^{re.escape(n)}$" for n, _ in holding if n not in picked]
-        return None, others or None
+        holders = [(n, any(id(w) in chosen for w in ws)) for n, ws in holding if ws]
+        return holder_patterns(holders, bool(include))
 
     def _check_layers(
         self,

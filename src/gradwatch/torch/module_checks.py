@@ -9,7 +9,6 @@ shared with the whole-model check.
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +17,7 @@ import torch
 
 from gradwatch import options as v
 from gradwatch.core.finite_diff import tolerances_for
-from gradwatch.localization import ROOT, LocalizationReport, is_inside
+from gradwatch.localization import LocalizationReport, holder_patterns, is_inside, owner_of
 from gradwatch.report import CheckReport, Verdict
 from gradwatch.torch.evaluate import host_rng_preserved
 from gradwatch.torch.localize import Localizer, float64_bytes, free_memory
@@ -92,7 +91,7 @@ def _uncovered(checker: TorchChecker, found: LocalizationReport) -> list[int]:
     checked = [m.name for m in found.modules]
     out = []
     for i, name in enumerate(checker.names):
-        owner = name.rsplit(".", 1)[0] if "." in name else ROOT
+        owner = owner_of(name)
         if not v.selected(owner, *checker.module_patterns):
             continue
         if not any(owner == c or is_inside(owner, c) for c in checked):
@@ -135,15 +134,9 @@ def _module_selection(checker: TorchChecker) -> tuple[list[str] | None, list[str
             [p.pattern for p in checker.module_patterns[0]] or None,
             [p.pattern for p in checker.module_patterns[1]] or None,
         )
-
-    def owner(name: str) -> str:
-        return name.rsplit(".", 1)[0] if "." in name else ROOT
-
-    chosen = {owner(n) for n in checker.names}
-    every = {owner(n) for n, _ in named_trainable(checker.model, [], [])}
-    if checker.include:
-        return [f"^{re.escape(o)}$" for o in sorted(chosen)], None
-    return None, [f"^{re.escape(o)}$" for o in sorted(every - chosen)] or None
+    chosen = {owner_of(n) for n in checker.names}
+    every = sorted({owner_of(n) for n, _ in named_trainable(checker.model, [], [])})
+    return holder_patterns([(o, o in chosen) for o in every], bool(checker.include))
 
 
 def _module_localizer(checker: TorchChecker, twin: Twin | None, limit: int | None) -> Localizer:
