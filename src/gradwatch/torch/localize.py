@@ -165,8 +165,10 @@ class Localizer:
             self._twin = Twin(self.model, torch.float64, self.prepare)
         return self._twin
 
-    def _selected(self, name: str) -> bool:
-        return v.selected(name, self.include, self.exclude)
+    def _modules(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The selected modules of ``module`` by name (the module itself: :data:`ROOT`)."""
+        named = [(n or ROOT, m) for n, m in module.named_modules()]
+        return [(n, m) for n, m in named if v.selected(n, self.include, self.exclude)]
 
     def memory_limit(self) -> int | None:
         """The bytes a float64 copy may take: ``max_check_memory``, else (no twin given yet) the
@@ -208,8 +210,7 @@ class Localizer:
                 torch.float64,
                 draw_dtype=self.model_dtype,
             )
-            selected = [(n or ROOT, m) for n, m in module.named_modules()]
-            selected = [(n, m) for n, m in selected if self._selected(n)]
+            selected = self._modules(module)
             try:
                 calls = self._record(evaluator, selected, params)
                 results, skipped, evaluations = self._check_calls(evaluator, selected, calls)
@@ -238,8 +239,7 @@ class Localizer:
             self.model_dtype,
             float64_guard=False,
         )
-        selected = [(n or ROOT, m) for n, m in model.named_modules()]
-        selected = [(n, m) for n, m in selected if self._selected(n)]
+        selected = self._modules(model)
         with host_rng_preserved():
             try:
                 calls = self._record(evaluator, selected, params)
