@@ -190,8 +190,9 @@ class TorchChecker:
         started = time.perf_counter()
         rng = np.random.default_rng(self.seed if sample_seed is None else sample_seed)
         seed = int(rng.integers(2**62))
-        if self.mode == "modules" or too_large(self) is not None:
-            return check_modules(self, batch, seed, step, started)
+        limit = too_large(self)
+        if self.mode == "modules" or limit is not None:
+            return check_modules(self, batch, seed, step, started, limit)
         twin = self.twin()
         chosen = list(range(len(self.names))) if tensors is None else list(tensors)
         judge = self.judge(chosen, self.mode, rng, step, started)

@@ -40,12 +40,16 @@ def too_large(checker: TorchChecker) -> int | None:
 
 
 def check_modules(
-    checker: TorchChecker, batch: Any, seed: int, step: int | None, started: float
+    checker: TorchChecker,
+    batch: Any,
+    seed: int,
+    step: int | None,
+    started: float,
+    limit: int | None,
 ) -> CheckReport:
-    """Each module's own backward checked alone (``mode="modules"``, or a model whose float64
-    copy would exceed ``max_check_memory``: then module by module)."""
+    """Each module's own backward checked alone (``mode="modules"``, or — ``limit``, from
+    :func:`too_large` — a model whose float64 copy would exceed it: then module by module)."""
     rtol = tolerances_for(np.dtype(np.float64), checker.rtol).rtol
-    limit = too_large(checker)
     if limit is not None:
         found = _module_localizer(checker, None, limit).localize(batch, seed=seed)
         mode_note = []
