@@ -72,9 +72,8 @@ class TorchChecker:
         model_context: Entered around every call of ``loss_fn`` on the model itself (its own
             pass, and the checks that evaluate it when the copy is not its function): Lightning
             silences ``self.log`` there.
-        max_check_memory: Bytes the float64 copy may take (``None``: the free memory of the
-            model's device). A model whose copy would exceed it is checked module by module
-            (each module on a float64 copy of itself alone, as ``mode="modules"``).
+        max_check_memory: Bytes the float64 copy may take (``None``: the device's free memory);
+            over it, each module is checked on a float64 copy of itself (``mode="modules"``).
     """
 
     def __init__(
