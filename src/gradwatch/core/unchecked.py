@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from gradwatch.core.vocabulary import vocabulary
 from gradwatch.report import CheckReport, GradientEvent
 
-__all__ = ["no_check_message", "unchecked_event", "unchecked_report"]
+__all__ = ["event_report", "no_check_message", "unchecked_event", "unchecked_report"]
 
 
 def unchecked_event(step: int | None, message: str, param: str = "global") -> GradientEvent:
@@ -82,12 +82,37 @@ def unchecked_report(
         >>> r.verdict, r.events[0].kind
         ('inconclusive', 'unchecked')
     """
+    return event_report(
+        unchecked_event(step, message),
+        step=step,
+        mode=mode,
+        dtype=dtype,
+        rtol=rtol,
+        evaluations=evaluations,
+        seconds=seconds,
+        notes=notes,
+    )
+
+
+def event_report(
+    event: GradientEvent,
+    *,
+    step: int | None,
+    mode: str,
+    dtype: str,
+    rtol: float,
+    evaluations: int,
+    seconds: float,
+    notes: Sequence[str] = (),
+) -> CheckReport:
+    """An ``inconclusive`` report that judged nothing and carries one event saying why
+    (``unchecked``, or ``nonfinite`` from the engine)."""
     return CheckReport(
         step=step,
         verdict="inconclusive",
         max_rel_error=None,
         results=(),
-        events=(unchecked_event(step, message),),
+        events=(event,),
         mode=mode,
         dtype=dtype,
         rtol=rtol,

@@ -12,6 +12,7 @@ import numpy.typing as npt
 from gradwatch.core import finite_diff as fd
 from gradwatch.core.console import user_warn
 from gradwatch.core.problem import Problem
+from gradwatch.core.unchecked import event_report
 from gradwatch.core.vocabulary import vocabulary
 from gradwatch.report import CheckReport, EntryResult, GradientEvent, Status, Verdict
 
@@ -110,18 +111,15 @@ def nonfinite_report(
         threshold=float("inf"),
         message=f"{what}; no gradient check is possible until the values are finite.",
     )
-    return CheckReport(
+    return event_report(
+        event,
         step=step,
-        verdict="inconclusive",
-        max_rel_error=None,
-        results=(),
-        events=(event,),
         mode=mode,
         dtype=dtype,
         rtol=rtol,
         evaluations=evaluations,
         seconds=seconds,
-        notes=tuple(notes),
+        notes=notes,
     )
 
 
