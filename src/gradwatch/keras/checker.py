@@ -206,11 +206,9 @@ class KerasChecker:
         the free memory of the model's device, when it is ``None``)."""
         if self.dtype_name != "float64":
             return False
-        from gradwatch.keras.local_backends import float64_bytes, free_memory
+        from gradwatch.keras.local_backends import float64_bytes, memory_limit
 
-        limit = self.max_check_memory
-        if limit is None:
-            limit = free_memory(self.model)
+        limit = memory_limit(self.model, self.max_check_memory)
         return limit is not None and float64_bytes(self.model.weights) > limit
 
     def _layer_patterns(self) -> tuple[Any, Any]:

@@ -54,6 +54,7 @@ __all__ = [
     "float64_bytes",
     "free_memory",
     "low_precision",
+    "memory_limit",
     "precision",
     "record_calls",
     "suspect_notes",
@@ -240,6 +241,12 @@ def float64_bytes(variables: Sequence[Any]) -> int:
         64
     """
     return sum(int(np.prod(w.shape)) * 8 for w in variables if "float" in str(w.dtype))
+
+
+def memory_limit(model: Any, max_check_memory: int | None) -> int | None:
+    """Bytes float64 values of the weights may take: ``max_check_memory``, else the free memory
+    of the model's device (:func:`free_memory`); ``None``: no limit."""
+    return max_check_memory if max_check_memory is not None else free_memory(model)
 
 
 def free_memory(model: Any) -> int | None:

@@ -33,8 +33,8 @@ from gradwatch.keras.checker import KerasChecker
 from gradwatch.keras.local_backends import (
     CallRecorder,
     float64_bytes,
-    free_memory,
     low_precision,
+    memory_limit,
     precision,
     record_calls,
     suspect_notes,
@@ -150,9 +150,7 @@ class KerasLocalizer:
     def memory_limit(self) -> int | None:
         """Bytes the float64 values of the weights may take: ``max_check_memory``, else the free
         memory of the model's device; ``None``: no limit."""
-        if self.max_check_memory is not None:
-            return self.max_check_memory
-        return free_memory(self.model)
+        return memory_limit(self.model, self.max_check_memory)
 
     def localize(
         self,
